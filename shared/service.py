@@ -1,0 +1,34 @@
+"""`python -m services.<name>`: settings from the environment, logging, uvicorn with uvloop/httptools."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import uvicorn
+from pydantic import ValidationError
+
+from shared.logs import configure_logging
+from shared.settings import SharedSettings
+
+
+def serve(settings_cls: type[SharedSettings], app_factory: Callable[[Any], Any]) -> None:
+    try:
+        settings = settings_cls()
+    except ValidationError as exc:
+        print(f"{settings_cls.service_name}: invalid configuration:\n{exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_logging(settings.service_name, settings.log_level, settings.log_json)
+    app = app_factory(settings)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=20,
+        lifespan="on",
+    )

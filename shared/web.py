@@ -1,0 +1,170 @@
+"""What every service's HTTP app has in common: middleware, probes, metrics, the error envelope."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shared.errors import error_response, install_error_handlers
+from shared.logs import REQUEST_ID_HEADER, new_request_id, request_id_var
+from shared.metrics import HTTP_LATENCY, render_latest
+from shared.responses import JsonResponse
+
+ReadinessCheck = Callable[[], Awaitable[Any]]
+access_log = logging.getLogger("access")
+
+_PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+class RequestContextMiddleware:
+    """Request id (taken from the caller or minted), latency histogram per route, one access log line."""
+
+    def __init__(self, app: ASGIApp, service: str) -> None:
+        self.app = app
+        self.service = service
+        self._rid_header = REQUEST_ID_HEADER.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = None
+        for name, value in scope["headers"]:
+            if name == self._rid_header:
+                rid = value.decode("latin-1")[:128]
+                break
+        rid = rid or new_request_id()
+        token = request_id_var.set(rid)
+        started = time.perf_counter()
+        status = 500
+        rid_bytes = rid.encode()
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (self._rid_header, rid_bytes)]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = scope.get("route")
+            path = getattr(route, "path", None) or ("unmatched" if status == 404 else scope["path"])
+            HTTP_LATENCY.labels(self.service, scope["method"], path, str(status)).observe(elapsed)
+            if scope["path"] not in _PROBE_PATHS:
+                access_log.info(
+                    "%s %s %s",
+                    scope["method"],
+                    scope["path"],
+                    status,
+                    extra={
+                        "fields": {"status": status, "duration_ms": round(elapsed * 1000, 3), "route": path}
+                    },
+                )
+            request_id_var.reset(token)
+
+
+class BodyLimitMiddleware:
+    """Refuses bodies over the limit with 413 without reading past it (CONTRACT §2 MAX_BODY_BYTES)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = -1
+                if declared > self.max_bytes:
+                    response = error_response(
+                        413, "payload_too_large", f"Request body exceeds {self.max_bytes} bytes."
+                    )
+                    response.headers["connection"] = "close"
+                    await response(scope, receive, send)
+                    return
+                break
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    # Raised inside body parsing, so the app's handlers answer with the 413 envelope.
+                    raise StarletteHTTPException(413, f"Request body exceeds {self.max_bytes} bytes.")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def create_service_app(
+    service: str,
+    *,
+    max_body_bytes: int,
+    lifespan: Any = None,
+    title: str | None = None,
+) -> FastAPI:
+    """A FastAPI app with the shared middleware, error envelope and probe routes.
+
+    The service registers its readiness checks in `app.state.readiness_checks` (name → async callable
+    that raises when the dependency does not work) during its lifespan.
+    """
+    app = FastAPI(
+        title=title or f"credit-proxy {service}",
+        lifespan=lifespan,
+        default_response_class=JsonResponse,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.state.readiness_checks = {}
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    app.add_middleware(RequestContextMiddleware, service=service)
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz() -> JsonResponse:
+        checks: dict[str, ReadinessCheck] = app.state.readiness_checks
+        results: dict[str, str] = {}
+
+        async def run(name: str, check: ReadinessCheck) -> None:
+            try:
+                await asyncio.wait_for(check(), timeout=2.0)
+                results[name] = "ok"
+            except Exception as exc:
+                results[name] = f"failing: {type(exc).__name__}"
+
+        await asyncio.gather(*(run(n, c) for n, c in checks.items()))
+        ready = all(v == "ok" for v in results.values())
+        return JsonResponse(
+            {"status": "ready" if ready else "not_ready", "checks": results},
+            status_code=200 if ready else 503,
+        )
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        body, content_type = render_latest()
+        return Response(body, media_type=content_type)
+
+    return app
