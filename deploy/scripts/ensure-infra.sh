@@ -15,6 +15,14 @@ wait_for() { # name, command, seconds
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
+# No local servers installed but a Docker engine available: bring up the infrastructure from compose.
+if ! command -v pg_ctlcluster >/dev/null && ! command -v redis-server >/dev/null && docker info >/dev/null 2>&1; then
+  if ! port_open 5432 || ! port_open 6379 || ! port_open 5672; then
+    echo "ensure-infra: starting PostgreSQL, Redis and RabbitMQ with docker compose"
+    docker compose up -d --wait postgres redis rabbitmq || exit 1
+  fi
+fi
+
 if ! port_open 5432; then
   echo "ensure-infra: starting PostgreSQL"
   if command -v pg_ctlcluster >/dev/null && [ -d /etc/postgresql ]; then
