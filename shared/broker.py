@@ -78,17 +78,20 @@ async def declare_topology(channel: AbstractChannel, topology: Topology) -> Abst
     return events
 
 
+def work_queue_arguments(topology: Topology) -> dict[str, Any]:
+    """Arguments of every work queue; deploy/rabbitmq/definitions.json must declare the same ones."""
+    return {
+        "x-queue-type": "quorum",
+        "x-dead-letter-exchange": topology.dead_letter_exchange,
+        "x-delivery-limit": DELIVERY_LIMIT,
+    }
+
+
 async def declare_work_queue(
     channel: AbstractChannel, topology: Topology, name: str, routing_keys: Sequence[str] = ()
 ) -> AbstractQueue:
     queue = await channel.declare_queue(
-        topology.name(name),
-        durable=True,
-        arguments={
-            "x-queue-type": "quorum",
-            "x-dead-letter-exchange": topology.dead_letter_exchange,
-            "x-delivery-limit": DELIVERY_LIMIT,
-        },
+        topology.name(name), durable=True, arguments=work_queue_arguments(topology)
     )
     for key in routing_keys:
         await queue.bind(topology.events_exchange, routing_key=key)

@@ -8,11 +8,13 @@ from typing import Any
 
 import pytest
 
-EVENTS = "credit_proxy.events"
-DLX = "credit_proxy.dlx"
-DEAD_LETTERS = "credit_proxy.dead_letters"
+from shared.broker import DEAD_LETTER_EXCHANGE as DLX
+from shared.broker import DEAD_LETTER_QUEUE as DEAD_LETTERS
+from shared.broker import EVENTS_EXCHANGE as EVENTS
+from shared.broker import Topology, work_queue_arguments
+
 # The arguments the services declare; a mismatch makes their declare fail with PRECONDITION_FAILED.
-WORK_QUEUE_ARGUMENTS = {"x-queue-type": "quorum", "x-dead-letter-exchange": DLX}
+WORK_QUEUE_ARGUMENTS = work_queue_arguments(Topology())
 
 
 def _by_name(items: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
