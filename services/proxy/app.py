@@ -1,0 +1,137 @@
+"""The proxy app: create_app(settings) and a lifespan that owns the pools, the broker connection and
+the ai.requests worker, and on shutdown stops taking work, lets in-flight work finish and settles
+what it can."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+from starlette.staticfiles import StaticFiles
+
+from shared.broker import Topology, connect
+from shared.web import create_service_app
+
+from . import account_api, openai_api
+from .callers import Authenticator
+from .config import ProxySettings
+from .downstream import BillingClient, CreditsClient
+from .metering import Meter
+from .pricing import PricingTable
+from .upstream import Upstream
+
+log = logging.getLogger("proxy.app")
+
+
+@dataclass
+class Proxy:
+    """Everything a request needs, built once per process."""
+
+    settings: ProxySettings
+    pricing: PricingTable
+    credits: CreditsClient
+    billing: BillingClient
+    upstream: Upstream
+    auth: Authenticator
+    meter: Meter
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, settings: ProxySettings) -> Proxy:
+        credits = CreditsClient(
+            settings.credits_url, settings.internal_token, settings.downstream_timeout_seconds
+        )
+        billing = BillingClient(
+            settings.billing_url,
+            settings.internal_token,
+            settings.downstream_timeout_seconds,
+            settings.packs_cache_seconds,
+        )
+        return cls(
+            settings=settings,
+            pricing=PricingTable.load(settings.pricing_file),
+            credits=credits,
+            billing=billing,
+            upstream=Upstream(
+                settings.openai_base_url,
+                settings.openai_api_key,
+                settings.upstream_timeout_seconds,
+                settings.upstream_max_connections,
+            ),
+            auth=Authenticator(
+                credits,
+                internal_token=settings.internal_token,
+                user_token_secret=settings.user_token_secret,
+                positive_ttl=settings.api_key_cache_seconds,
+                negative_ttl=settings.api_key_negative_cache_seconds,
+            ),
+            meter=Meter(credits, settings.low_balance_threshold),
+        )
+
+    async def aclose(self) -> None:
+        for client in (self.credits, self.billing, self.upstream):
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+
+def create_app(settings: ProxySettings | None = None) -> FastAPI:
+    settings = settings or ProxySettings()
+    # Built eagerly so a bad PRICING_FILE stops the process before it listens.
+    proxy = Proxy.build(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from .worker import Worker
+
+        redis = aioredis.from_url(settings.redis_url)
+        connection = None
+        worker: Worker | None = None
+        checks = app.state.readiness_checks
+
+        async def credits_ready() -> None:
+            response = await proxy.credits.call(b"GET", "/healthz")
+            if response.status != 200:
+                raise RuntimeError(f"credits answered {response.status}")
+
+        async def broker_ready() -> None:
+            if connection is None or connection.is_closed:
+                raise RuntimeError("no broker connection")
+
+        checks["credits"] = credits_ready
+        checks["broker"] = broker_ready
+        checks["redis"] = redis.ping
+        try:
+            connection = await connect(settings.rabbitmq_url, "proxy")
+        except Exception:
+            log.exception("cannot reach RabbitMQ at start; the worker is off until restart")
+        if connection is not None and settings.worker_enabled:
+            worker = Worker(proxy, connection, Topology(settings.broker_namespace), redis)
+            await worker.start()
+        proxy.extras["worker"] = worker
+        try:
+            yield
+        finally:
+            if worker is not None:
+                await worker.stop(settings.shutdown_grace_seconds)
+            await proxy.meter.drain(settings.shutdown_grace_seconds)
+            if connection is not None:
+                with contextlib.suppress(Exception):
+                    await connection.close()
+            await redis.aclose()  # type: ignore[attr-defined]
+            await proxy.aclose()
+
+    app = create_service_app("proxy", max_body_bytes=settings.max_body_bytes, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.proxy = proxy
+    app.include_router(openai_api.router)
+    app.include_router(account_api.router)
+    app.mount("/portal", StaticFiles(directory=account_api.PORTAL_DIR), name="portal")
+    return app
+
+
+__all__ = ["Proxy", "create_app"]

@@ -1,0 +1,44 @@
+"""Proxy settings (CONTRACT §2), read from the environment."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from shared.settings import SharedSettings
+
+
+class ProxySettings(SharedSettings):
+    service_name: ClassVar[str] = "proxy"
+    default_port: ClassVar[int] = 8000
+    secret_fields: ClassVar[tuple[str, ...]] = ("internal_token", "user_token_secret")
+
+    credits_url: str = "http://127.0.0.1:8002"
+    billing_url: str = "http://127.0.0.1:8001"
+    # Where the proxy's own portal is reachable from a browser; checkout returns there. Empty: the
+    # scheme and host of the request that started the checkout.
+    public_base_url: str = ""
+
+    openai_api_key: str | None = None
+    openai_base_url: str = "https://api.openai.com/v1"
+    upstream_timeout_seconds: float = 60.0
+    upstream_max_connections: int = 512
+
+    pricing_file: str | None = None
+    redis_url: str = "redis://localhost:6379/0"
+
+    # A verified API key is trusted this long; a revoked key therefore stops working within it.
+    api_key_cache_seconds: float = 2.0
+    # Unknown keys are remembered this long, so hammering one bad key does not hammer credits.
+    api_key_negative_cache_seconds: float = 2.0
+    packs_cache_seconds: float = 60.0
+    # Timeout for calls to credits and billing.
+    downstream_timeout_seconds: float = 5.0
+
+    # The ai.requests worker (CONTRACT §7.1).
+    worker_enabled: bool = True
+    worker_prefetch: int = 16
+    worker_max_attempts: int = 3
+    worker_retry_base_seconds: float = 0.5
+    # How long a finished job's outcome is remembered for redeliveries.
+    worker_record_ttl_seconds: int = 7 * 24 * 3600
+    shutdown_grace_seconds: float = 15.0

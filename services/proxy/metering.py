@@ -1,0 +1,174 @@
+"""Charging for a request: hold its price at credits before the upstream call, then commit what was
+used or release the hold.
+
+The hold is the only step on the request path; commit and release of served requests run as
+tracked background tasks after the response is written (a crash leaves the hold to expire back to
+the user at credits). Releases after a failure are awaited, shielded from cancellation, so the error
+response can report the balance; they never let an exception escape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from shared.errors import AppError, InsufficientCredits, ServiceUnavailable
+
+from .downstream import CreditsClient, DownstreamError, Reservation
+from .metrics import CREDITS_CHARGED, REQUESTS_REFUSED, SETTLEMENT_FAILURES
+from .pricing import Plan, Price, apply_output_cap, plan, usage_tokens
+
+log = logging.getLogger("proxy.metering")
+
+
+@dataclass(slots=True)
+class Hold:
+    user_id: str
+    operation: str
+    price: Price
+    plan: Plan
+    reservation: Reservation
+    settled: bool = False
+
+    @property
+    def amount(self) -> int:
+        return self.reservation.amount
+
+    def remaining_after(self, charged: int) -> int:
+        """The user's available credits once this hold settles at `charged` (ignoring other traffic)."""
+        return self.reservation.credits_remaining + self.amount - charged
+
+    def cost_from_usage(self, usage: Any, output_served: int | None = None) -> int:
+        """What the request costs: the per-request price, or its tokens (from `usage`, else the input
+        estimate plus `output_served` tokens), never more than was held."""
+        if self.price.per_request is not None:
+            return self.amount
+        tokens = usage_tokens(usage)
+        if tokens is None:
+            tokens = (self.plan.input_tokens, output_served or 0)
+        return min(self.amount, self.price.tokens_cost(*tokens))
+
+
+def credit_headers(charged: int, remaining: int | None, threshold: int) -> dict[str, str]:
+    headers = {"x-credits-charged": str(charged)}
+    if remaining is not None:
+        headers["x-credits-remaining"] = str(remaining)
+        if remaining <= threshold:
+            headers["x-credits-low"] = "true"
+    return headers
+
+
+class Meter:
+    def __init__(self, credits: CreditsClient, low_balance_threshold: int) -> None:
+        self.credits = credits
+        self.threshold = low_balance_threshold
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def hold(
+        self,
+        user_id: str,
+        operation: str,
+        price: Price,
+        body: dict[str, Any],
+        *,
+        idempotency_key: str | None = None,
+        create_missing_user: bool = False,
+    ) -> tuple[Hold, bool]:
+        """Holds the request's price. Returns the hold and whether `body` was changed (its output cap
+        lowered so the cost fits the hold). Raises InsufficientCredits (402) when not even the input
+        is covered, ServiceUnavailable when credits cannot be reached."""
+        first = plan(price, operation, body)
+        assert first is not None
+        try:
+            try:
+                reservation = await self.credits.reserve(user_id, first.reserve, idempotency_key)
+                chosen = first
+            except DownstreamError as exc:
+                if exc.status_code == 404 and create_missing_user:
+                    await self.credits.ensure_user(user_id)
+                    reservation = await self.credits.reserve(user_id, first.reserve, idempotency_key)
+                    chosen = first
+                elif exc.status_code == 402 and price.per_token:
+                    # Hold what the balance allows and shorten the output to fit it.
+                    available = int((await self.credits.account(user_id))["credits_remaining"])
+                    fitted = plan(price, operation, body, available)
+                    if fitted is None:
+                        raise InsufficientCredits() from None
+                    reservation = await self.credits.reserve(user_id, fitted.reserve, idempotency_key)
+                    chosen = fitted
+                else:
+                    raise
+        except DownstreamError as exc:
+            if exc.status_code == 402:
+                REQUESTS_REFUSED.labels("insufficient_credits").inc()
+                raise InsufficientCredits() from None
+            raise
+        changed = False
+        if chosen.max_output_tokens is not None:
+            apply_output_cap(body, chosen.max_output_tokens)
+            changed = True
+        return Hold(user_id, operation, price, chosen, reservation), changed
+
+    # --- settling ---
+
+    def settle_later(self, hold: Hold, charged: int) -> None:
+        """Commits `charged` (or releases when 0) in the background, after the response is sent."""
+        if hold.settled:
+            return
+        hold.settled = True
+        task = asyncio.get_running_loop().create_task(self._settle(hold, charged))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def release_now(self, hold: Hold) -> int | None:
+        """Releases the hold, shielded from cancellation; returns the balance afterwards if known."""
+        if hold.settled:
+            return None
+        hold.settled = True
+        task = asyncio.get_running_loop().create_task(self._settle(hold, 0))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        try:
+            result: int | None = await asyncio.shield(task)
+            return result
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            return None
+
+    async def _settle(self, hold: Hold, charged: int) -> Any:
+        action = "commit" if charged > 0 else "release"
+        rid = hold.reservation.reservation_id
+        for attempt in range(4):
+            try:
+                if charged > 0:
+                    result = await self.credits.commit(rid, charged)
+                    CREDITS_CHARGED.labels(hold.operation).inc(charged)
+                else:
+                    result = await self.credits.release(rid)
+                remaining = result.get("credits_remaining")
+                return int(remaining) if isinstance(remaining, int) else None
+            except ServiceUnavailable:
+                await asyncio.sleep(0.2 * 2**attempt)
+            except AppError as exc:
+                log.error("%s of reservation %s refused: %s %s", action, rid, exc.status_code, exc.message)
+                break
+            except Exception:
+                log.exception("%s of reservation %s failed", action, rid)
+                break
+        SETTLEMENT_FAILURES.labels(action).inc()
+        log.error("could not %s reservation %s; the hold will expire at credits", action, rid)
+        return None
+
+    async def balance(self, user_id: str) -> int | None:
+        """The user's available credits for an error response's headers, if credits answers."""
+        try:
+            return int((await self.credits.account(user_id))["credits_remaining"])
+        except Exception:
+            return None
+
+    async def drain(self, timeout: float) -> None:
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout)

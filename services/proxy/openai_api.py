@@ -1,0 +1,279 @@
+"""The OpenAI-compatible endpoints (CONTRACT §6.2): authenticate (cached), hold the price, forward the
+bytes, answer with upstream's bytes, settle the hold after the answer is out."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from shared.errors import ApiAccessLocked, AppError, InvalidRequest, UpstreamError
+
+from .callers import Caller, CallerKind
+from .httpclient import StreamingCall, TransportError
+from .metering import Hold, credit_headers
+from .metrics import UPSTREAM_ERRORS
+from .upstream import loads_object
+
+if TYPE_CHECKING:
+    from .app import Proxy
+
+log = logging.getLogger("proxy.api")
+router = APIRouter()
+
+_JSON_CT = "application/json"
+
+
+def _proxy(request: Request) -> Proxy:
+    proxy: Proxy = request.app.state.proxy
+    return proxy
+
+
+def _error(exc: AppError, charged: int, remaining: int | None, threshold: int) -> Response:
+    headers = credit_headers(charged, remaining, threshold)
+    if exc.headers:
+        headers.update(exc.headers)
+    return Response(
+        orjson.dumps(exc.body()), status_code=exc.status_code, headers=headers, media_type=_JSON_CT
+    )
+
+
+async def _caller(proxy: Proxy, request: Request) -> Caller:
+    headers = request.headers
+    caller = await proxy.auth.for_api(headers.get("authorization"), headers.get("x-user-id"))
+    if caller.kind is CallerKind.API_KEY and not caller.api_access_unlocked:
+        raise ApiAccessLocked(await proxy.billing.unlock_hint())
+    return caller
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> Response:
+    proxy = _proxy(request)
+    caller = await proxy.auth.for_api(request.headers.get("authorization"), request.headers.get("x-user-id"))
+    balance = await proxy.meter.balance(caller.user_id)
+    threshold = proxy.meter.threshold
+    if caller.kind is CallerKind.API_KEY and not caller.api_access_unlocked:
+        return _error(ApiAccessLocked(await proxy.billing.unlock_hint()), 0, balance, threshold)
+    try:
+        upstream = await proxy.upstream.call("models", None)
+    except AppError as exc:
+        return _error(exc, 0, balance, threshold)
+    return Response(upstream.body, media_type=_JSON_CT, headers=credit_headers(0, balance, threshold))
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    return await _metered(request, "chat.completions")
+
+
+@router.post("/v1/embeddings")
+async def embeddings(request: Request) -> Response:
+    return await _metered(request, "embeddings")
+
+
+@router.post("/v1/images/generations")
+async def images_generations(request: Request) -> Response:
+    return await _metered(request, "images.generations")
+
+
+async def _metered(request: Request, operation: str) -> Response:
+    proxy = _proxy(request)
+    headers = request.headers
+    threshold = proxy.meter.threshold
+    caller = await proxy.auth.for_api(headers.get("authorization"), headers.get("x-user-id"))
+    # From here on the caller is known: every answer carries the credit headers.
+    try:
+        if caller.kind is CallerKind.API_KEY and not caller.api_access_unlocked:
+            raise ApiAccessLocked(await proxy.billing.unlock_hint())
+        raw = await request.body()
+        body = loads_object(raw)
+        if body is None:
+            raise InvalidRequest("The request body must be a JSON object.")
+        model = body.get("model")
+        price = proxy.pricing.price(model if isinstance(model, str) else None)
+        stream = operation == "chat.completions" and body.get("stream") is True
+        if stream and price.per_token:
+            stream_options = body.get("stream_options")
+            if not (isinstance(stream_options, dict) and stream_options.get("include_usage") is True):
+                # Ask for the usage chunk to price the stream; it is not forwarded to this client.
+                body["stream_options"] = {**(stream_options or {}), "include_usage": True}
+                client_wants_usage = False
+                changed = True
+            else:
+                client_wants_usage = True
+                changed = False
+        else:
+            client_wants_usage = True
+            changed = False
+        hold, capped = await proxy.meter.hold(
+            caller.user_id, operation, price, body, create_missing_user=caller.kind is CallerKind.INTERNAL
+        )
+    except AppError as exc:
+        return _error(exc, 0, await proxy.meter.balance(caller.user_id), threshold)
+    if changed or capped:
+        raw = orjson.dumps(body)
+    if stream:
+        return await _stream(proxy, request, hold, raw, client_wants_usage)
+    try:
+        upstream = await proxy.upstream.call(operation, raw)
+    except AppError as exc:
+        return _error(exc, 0, await proxy.meter.release_now(hold), threshold)
+    except BaseException:
+        await proxy.meter.release_now(hold)
+        raise
+    if price.per_token:
+        parsed = loads_object(upstream.body)
+        charged = hold.cost_from_usage(parsed.get("usage") if parsed else None)
+    else:
+        charged = hold.amount
+    if await request.is_disconnected():
+        # Nobody will read the answer: the request was not served.
+        await proxy.meter.release_now(hold)
+        return Response(status_code=499)
+    proxy.meter.settle_later(hold, charged)
+    content_type = upstream.header(b"content-type")
+    return Response(
+        upstream.body,
+        headers=credit_headers(charged, hold.remaining_after(charged), threshold),
+        media_type=content_type.decode("latin-1") if content_type else _JSON_CT,
+    )
+
+
+async def _stream(
+    proxy: Proxy, request: Request, hold: Hold, raw: bytes, client_wants_usage: bool
+) -> Response:
+    threshold = proxy.meter.threshold
+    try:
+        call = await proxy.upstream.open_stream(hold.operation, raw)
+    except AppError as exc:
+        return _error(exc, 0, await proxy.meter.release_now(hold), threshold)
+    except BaseException:
+        await proxy.meter.release_now(hold)
+        raise
+    return SseRelay(proxy, hold, call, client_wants_usage)
+
+
+_DONE = b"data: [DONE]"
+
+
+class SseRelay(Response):
+    """Forwards upstream's server-sent events as they arrive, counting what the client was served.
+
+    Output is counted per content-bearing event (OpenAI streams about one token per event) and,
+    when upstream sends it, replaced by the exact `usage`. Whatever ends the stream (completion, an
+    upstream drop or stall, the client going away, cancellation), the hold settles at the cost of
+    what was forwarded: the full price for a per-request model once any content went out, nothing if
+    none did.
+    """
+
+    def __init__(self, proxy: Proxy, hold: Hold, call: StreamingCall, client_wants_usage: bool) -> None:
+        self.proxy = proxy
+        self.hold = hold
+        self.call = call
+        self.client_wants_usage = client_wants_usage
+        self.status_code = 200
+        self.background = None
+        charged_header = hold.amount
+        self.init_headers(
+            {
+                "content-type": "text/event-stream; charset=utf-8",
+                "cache-control": "no-cache",
+                **credit_headers(charged_header, hold.reservation.credits_remaining, proxy.meter.threshold),
+            }
+        )
+        self.output_events = 0
+        self.usage: Any = None
+        self.completed = False
+
+    def _scan(self, event: bytes) -> bool:
+        """Inspects one event; False when it must not be forwarded (the usage chunk nobody asked for)."""
+        if not event.startswith(b"data:"):
+            return True
+        payload = event[5:].strip()
+        if payload == b"[DONE]":
+            self.completed = True
+            return True
+        try:
+            chunk = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return True
+        if not isinstance(chunk, dict):
+            return True
+        usage = chunk.get("usage")
+        choices = chunk.get("choices")
+        if isinstance(usage, dict):
+            self.usage = usage
+            if not choices and not self.client_wants_usage:
+                return False
+        if isinstance(choices, list):
+            for choice in choices:
+                delta = choice.get("delta") if isinstance(choice, dict) else None
+                if isinstance(delta, dict) and (
+                    delta.get("content") or delta.get("tool_calls") or delta.get("refusal")
+                ):
+                    self.output_events += 1
+        return True
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        pump = asyncio.current_task()
+        assert pump is not None
+        client_gone = False
+
+        async def watch() -> None:
+            nonlocal client_gone
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            client_gone = True
+            pump.cancel()
+
+        watcher = asyncio.get_running_loop().create_task(watch())
+        upstream_failed = False
+        idle_timeout = self.proxy.upstream.timeout
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            pending = b""
+            chunks = self.call.iter_bytes()
+            while True:
+                try:
+                    async with asyncio.timeout(idle_timeout):
+                        data = await anext(chunks)
+                except StopAsyncIteration:
+                    break
+                pending += data
+                if b"\n\n" not in pending:
+                    continue
+                *events, pending = pending.split(b"\n\n")
+                out = [e + b"\n\n" for e in events if e and self._scan(e)]
+                if out:
+                    await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
+            if not self.completed:
+                upstream_failed = True
+        except (TransportError, TimeoutError) as exc:
+            upstream_failed = True
+            kind = "stalled" if isinstance(exc, TimeoutError) else "dropped"
+            UPSTREAM_ERRORS.labels(self.hold.operation, kind).inc()
+        except asyncio.CancelledError:
+            if not client_gone:
+                raise
+            pump.uncancel()
+        finally:
+            watcher.cancel()
+            await self.call.__aexit__(None, None, None)
+            served = self.output_events > 0 or (self.completed and not upstream_failed)
+            charged = self.hold.cost_from_usage(self.usage, self.output_events) if served else 0
+            self.proxy.meter.settle_later(self.hold, charged)
+        if upstream_failed and not client_gone:
+            error = UpstreamError("The upstream AI provider ended the stream early.")
+            # OpenAI's own way to fail a stream that has begun; the SDKs raise it as an APIError.
+            event = b"data: " + orjson.dumps(error.body()) + b"\n\n"
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+        if not client_gone:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+__all__ = ["router"]

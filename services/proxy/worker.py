@@ -1,0 +1,199 @@
+"""The `ai.requests` workflow worker (CONTRACT §7.1).
+
+A job is charged like an internal call for its user, with the reservation's idempotency key
+`job:<job_id>`: a redelivered job finds the same hold at credits, and committing it again returns
+the first result, so a job is never charged twice. The finished outcome is also recorded in Redis
+(`proxy:job:<namespace>:<job_id>`), so a redelivery of a finished job is answered again from the
+record without calling upstream or credits.
+
+Upstream failures (5xx, timeout, unreachable) are retried with exponential backoff up to
+`WORKER_MAX_ATTEMPTS` calls, holding the credits meanwhile; then the job fails with the hold
+released. Upstream 4xx and insufficient credits fail at once. A malformed job is dead-lettered.
+A credits outage requeues the message (bounded by the queue's delivery limit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import redis.asyncio as aioredis
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from pydantic import ValidationError
+
+from shared.broker import PoisonMessage, Publisher, Topology, build_message, consume, parse_json
+from shared.errors import AppError, ServiceUnavailable, UpstreamError, UpstreamTimeout
+from shared.events import AiJobCompleted, AiJobFailed, AiJobRequest, Event, JobError
+
+from .downstream import DownstreamError
+from .metrics import CREDITS_CHARGED, JOBS
+from .upstream import loads_object
+
+if TYPE_CHECKING:
+    from .app import Proxy
+
+log = logging.getLogger("proxy.worker")
+QUEUE = "ai.requests"
+
+
+class Worker:
+    def __init__(
+        self,
+        proxy: Proxy,
+        connection: AbstractRobustConnection,
+        topology: Topology,
+        redis: aioredis.Redis[Any],
+    ) -> None:
+        self.proxy = proxy
+        self.settings = proxy.settings
+        self.connection = connection
+        self.topology = topology
+        self.redis = redis
+        self.publisher = Publisher(connection, topology)
+        self._channel: AbstractChannel | None = None
+        self._queue: AbstractQueue | None = None
+        self._tag: str | None = None
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def start(self) -> None:
+        self._channel, self._queue, self._tag = await consume(
+            self.connection, self.topology, QUEUE, self.handle, prefetch=self.settings.worker_prefetch
+        )
+
+    async def stop(self, grace: float) -> None:
+        """Stops taking jobs, then waits for those in flight (unacked ones are redelivered elsewhere)."""
+        if self._queue is not None and self._tag is not None:
+            try:
+                await self._queue.cancel(self._tag)
+            except Exception:
+                log.warning("could not cancel the ai.requests consumer", exc_info=True)
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace)
+        except TimeoutError:
+            log.warning("%d job(s) still running at shutdown; they will be redelivered", self._inflight)
+        if self._channel is not None:
+            try:
+                await self._channel.close()
+            except Exception:
+                pass
+
+    def _record_key(self, job_id: str) -> str:
+        return f"proxy:job:{self.topology.namespace}:{job_id}"
+
+    async def handle(self, message: AbstractIncomingMessage) -> None:
+        data = parse_json(message)
+        try:
+            job = AiJobRequest.model_validate(data)
+        except ValidationError as exc:
+            raise PoisonMessage(f"not a job: {exc.errors()[:3]}") from exc
+        self._inflight += 1
+        self._idle.clear()
+        try:
+            key = self._record_key(job.job_id)
+            recorded = await self.redis.get(key)
+            if recorded is not None:
+                JOBS.labels("replayed").inc()
+                record = orjson.loads(recorded)
+                await self._announce(record["routing_key"], record["body"], message)
+                return
+            event = await self.run(job)
+            record = {"routing_key": event.routing_key, "body": event.body()}
+            await self.redis.set(key, orjson.dumps(record), ex=self.settings.worker_record_ttl_seconds)
+            JOBS.labels("completed" if isinstance(event, AiJobCompleted) else "failed").inc()
+            await self._announce(event.routing_key, record["body"], message)
+        finally:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()
+
+    async def _announce(
+        self, routing_key: str, body: dict[str, Any], message: AbstractIncomingMessage
+    ) -> None:
+        payload = orjson.dumps(body)
+        event_id = str(body["event_id"])
+        await self.publisher.publish_raw(
+            build_message(payload, message_id=event_id, type_=routing_key), routing_key
+        )
+        if message.reply_to:
+            reply = build_message(
+                payload, message_id=event_id, type_=routing_key, correlation_id=message.correlation_id
+            )
+            await self.publisher.send_to_queue(message.reply_to, reply)
+
+    async def run(self, job: AiJobRequest) -> Event:
+        proxy = self.proxy
+        body = dict(job.request)
+        if job.operation == "chat.completions":
+            # A job's answer is one message: never a stream.
+            body.pop("stream", None)
+            body.pop("stream_options", None)
+        model = body.get("model")
+        price = proxy.pricing.price(model if isinstance(model, str) else None)
+
+        def failed(code: str, message: str, charged: int = 0) -> AiJobFailed:
+            return AiJobFailed(
+                job_id=job.job_id,
+                user_id=job.user_id,
+                credits_charged=charged,
+                error=JobError(code=code, message=message),
+            )
+
+        try:
+            hold, _ = await proxy.meter.hold(
+                job.user_id,
+                job.operation,
+                price,
+                body,
+                idempotency_key=f"job:{job.job_id}",
+                create_missing_user=True,
+            )
+        except ServiceUnavailable:
+            raise  # requeued: credits is down, nothing was held
+        except AppError as exc:
+            return failed(exc.code, exc.message)
+        raw = orjson.dumps(body)
+        attempts = max(1, self.settings.worker_max_attempts)
+        last: AppError | None = None
+        for attempt in range(attempts):
+            try:
+                response = await proxy.upstream.call(job.operation, raw)
+                break
+            except (UpstreamError, UpstreamTimeout) as exc:
+                last = exc
+                log.warning(
+                    "job %s: upstream attempt %d/%d failed: %s",
+                    job.job_id,
+                    attempt + 1,
+                    attempts,
+                    exc.message,
+                )
+                if attempt + 1 < attempts:
+                    await asyncio.sleep(self.settings.worker_retry_base_seconds * 2**attempt)
+            except AppError as exc:
+                await proxy.meter.release_now(hold)
+                return failed(exc.code, exc.message)
+            except BaseException:
+                await proxy.meter.release_now(hold)
+                raise
+        else:
+            await proxy.meter.release_now(hold)
+            assert last is not None
+            return failed(last.code, f"{last.message} (after {attempts} attempts)")
+        result = loads_object(response.body) or {}
+        charged = hold.cost_from_usage(result.get("usage"))
+        hold.settled = True
+        try:
+            committed = await proxy.credits.commit(hold.reservation.reservation_id, charged)
+            charged = int(committed.get("charged", charged))
+            CREDITS_CHARGED.labels(job.operation).inc(charged)
+        except DownstreamError as exc:
+            # Released or expired meanwhile (e.g. an earlier delivery gave up): served, not charged.
+            log.error("job %s: commit refused (%s); answered without a charge", job.job_id, exc.message)
+            charged = 0
+        return AiJobCompleted(
+            job_id=job.job_id, user_id=job.user_id, credits_charged=charged, response=result
+        )
