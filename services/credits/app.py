@@ -1,0 +1,168 @@
+"""create_app(settings): the credits service with its lifespan (engine, Redis, broker, background tasks)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from fastapi import FastAPI
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.credits.api import admin, internal
+from services.credits.apikeys import ApiKeys
+from services.credits.config import CreditsSettings
+from services.credits.consumers import QUEUE, ROUTING_KEYS, BillingEventsConsumer
+from services.credits.holds import Holds
+from services.credits.ledger import Clock, Ledger, utcnow
+from services.credits.outbox import OutboxRelay
+from services.credits.sweeper import Sweeper
+from shared.broker import Publisher, Topology, connect, consume
+from shared.db import create_engine, ensure_database, migrate
+from shared.web import create_service_app
+
+log = logging.getLogger("credits.app")
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+
+@dataclass
+class Runtime:
+    """Everything the service holds open. Tests build one directly to restart the service in-process."""
+
+    settings: CreditsSettings
+    engine: AsyncEngine
+    redis: aioredis.Redis[Any]
+    ledger: Ledger
+    api_keys: ApiKeys
+    sweeper: Sweeper
+    connection: AbstractRobustConnection | None = None
+    relay: OutboxRelay | None = None
+    consumer: BillingEventsConsumer | None = None
+    _consumer_channel: AbstractChannel | None = None
+    _consumer_tag: str | None = None
+    _consumer_queue: Any = None
+    _in_flight: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    @classmethod
+    async def open(cls, settings: CreditsSettings, *, broker: bool = True, clock: Clock = utcnow) -> Runtime:
+        if settings.auto_migrate:
+            await migrate(settings.database_url, MIGRATIONS_DIR)
+        else:
+            await ensure_database(settings.database_url)
+        engine = create_engine(settings.database_url, pool_size=settings.db_pool_size)
+        redis = aioredis.from_url(settings.redis_url, max_connections=200)
+        holds = Holds(redis, settings.deadline_shards)
+        relay: OutboxRelay | None = None
+        connection = None
+        if broker:
+            connection = await connect(settings.rabbitmq_url, "credits")
+            relay = OutboxRelay(engine, Publisher(connection, Topology(settings.broker_namespace)))
+        ledger = Ledger(engine, holds, settings, on_outbox=relay.kick if relay else lambda: None, clock=clock)
+        await ledger.start()
+        runtime = cls(
+            settings=settings,
+            engine=engine,
+            redis=redis,
+            ledger=ledger,
+            api_keys=ApiKeys(engine),
+            sweeper=Sweeper(ledger, settings.sweep_interval_seconds),
+            connection=connection,
+            relay=relay,
+        )
+        if settings.run_background_tasks:
+            runtime.sweeper.start()
+            if relay is not None:
+                relay.start()
+        if connection is not None and settings.run_consumer:
+            await runtime.start_consumer()
+        return runtime
+
+    async def start_consumer(self) -> None:
+        assert self.connection is not None
+        consumer = BillingEventsConsumer(self.ledger)
+
+        async def tracked(message: AbstractIncomingMessage) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            self._in_flight.add(task)
+            try:
+                await consumer.handle(message)
+            finally:
+                self._in_flight.discard(task)
+
+        self.consumer = consumer
+        channel, queue, tag = await consume(
+            self.connection,
+            Topology(self.settings.broker_namespace),
+            QUEUE,
+            tracked,
+            routing_keys=ROUTING_KEYS,
+            prefetch=self.settings.consumer_prefetch,
+        )
+        self._consumer_channel, self._consumer_queue, self._consumer_tag = channel, queue, tag
+
+    async def close(self) -> None:
+        # Stop taking messages, let the in-flight ones finish, then stop the background work and pools.
+        if self._consumer_queue is not None and self._consumer_tag is not None:
+            with contextlib.suppress(Exception):
+                await self._consumer_queue.cancel(self._consumer_tag)
+        for _ in range(200):
+            if not self._in_flight:
+                break
+            await asyncio.sleep(0.05)
+        if self._consumer_channel is not None:
+            with contextlib.suppress(Exception):
+                await self._consumer_channel.close()
+        await self.sweeper.close()
+        await self.ledger.close()
+        if self.relay is not None:
+            with contextlib.suppress(Exception):
+                await self.relay.publish_pending()
+            await self.relay.close()
+        if self.connection is not None:
+            with contextlib.suppress(Exception):
+                await self.connection.close()
+        await self.redis.aclose()  # type: ignore[attr-defined]  # stubs predate redis-py 5
+        await self.engine.dispose()
+
+
+def create_app(settings: CreditsSettings, *, clock: Clock = utcnow) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime = await Runtime.open(settings, clock=clock)
+        app.state.runtime = runtime
+        app.state.ledger = runtime.ledger
+        app.state.api_keys = runtime.api_keys
+
+        async def database() -> None:
+            async with runtime.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+
+        async def redis() -> None:
+            await runtime.redis.ping()
+
+        async def broker() -> None:
+            if runtime.connection is None or runtime.connection.is_closed:
+                raise ConnectionError("broker connection closed")
+            if not runtime.connection.connected.is_set():
+                raise ConnectionError("broker reconnecting")
+
+        app.state.readiness_checks.update({"database": database, "redis": redis, "broker": broker})
+        try:
+            yield
+        finally:
+            await runtime.close()
+
+    app = create_service_app(settings.service_name, max_body_bytes=settings.max_body_bytes, lifespan=lifespan)
+    app.state.settings = settings
+    app.include_router(internal)
+    app.include_router(admin)
+    return app

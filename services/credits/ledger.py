@@ -1,0 +1,662 @@
+"""The credits domain: accounts, grants, purchases, refunds, and two-phase holds.
+
+PostgreSQL is the truth (an append-only ledger; `accounts.balance` caches its sum in the same
+transaction). Redis (see holds.py) mirrors balance and open holds so that a reserve is one atomic script.
+Every change here is: PostgreSQL transaction first, then the Redis mirror is brought in line by
+version (balances) and membership (holds), which makes late, repeated or reordered syncs harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from services.credits import metrics, store
+from services.credits.config import CreditsSettings
+from services.credits.holds import Holds
+from services.credits.store import NewHold, Reservation
+from services.credits.writer import HoldWriter, Persisted
+from shared.errors import Conflict, InsufficientCredits, InvalidRequest, NotFound, ServiceUnavailable
+from shared.events import ApiAccessUnlocked, BalanceLow, PackPurchased, PackRefunded, PurchaseApplied
+
+log = logging.getLogger("credits.ledger")
+
+Clock = Callable[[], datetime]
+
+# CONTRACT §4 names business among the tiers that unlock the API but gives it no amount; it sits
+# between pro and enterprise, and is migrated like enterprise.
+MIGRATION_CREDITS = {
+    "free": 10,
+    "basic": 40,
+    "premium": 100,
+    "pro": 250,
+    "business": 1000,
+    "enterprise": 1000,
+}
+MIGRATION_UNLOCKS = frozenset({"pro", "business", "enterprise"})
+SUPPORT_TIERS = (
+    (5000, "Dedicated (12h response)"),
+    (1200, "Priority (24h response)"),
+    (500, "Email (48h response)"),
+)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def support_tier(purchased_total: int) -> str:
+    for floor, name in SUPPORT_TIERS:
+        if purchased_total >= floor:
+            return name
+    return "Community"
+
+
+class PurchaseNotYetApplied(Exception):
+    """A refund arrived before its purchase; the message is retried (and dead-lettered if it never comes)."""
+
+
+@dataclass(frozen=True)
+class ReserveResult:
+    reservation: Reservation
+    available: int
+
+
+@dataclass(frozen=True)
+class SettleResult:
+    reservation_id: str
+    charged: int
+    refunded: int
+    available: int
+
+
+@dataclass
+class _Sync:
+    """What to tell Redis after a PostgreSQL commit."""
+
+    user_id: str
+    balance: int | None = None
+    version: int | None = None
+    ended: tuple[str, ...] = ()
+    created: bool = False
+
+
+class Ledger:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        holds: Holds,
+        settings: CreditsSettings,
+        *,
+        on_outbox: Callable[[], None] = lambda: None,
+        clock: Clock = utcnow,
+    ) -> None:
+        self.engine = engine
+        self.holds = holds
+        self.settings = settings
+        self.clock = clock
+        self._on_outbox = on_outbox
+        self.writer = HoldWriter(engine, holds, settings.hold_batch_max)
+        self._rebuilds: dict[str, asyncio.Future[None]] = {}
+
+    async def start(self) -> None:
+        self.writer.start()
+
+    async def close(self) -> None:
+        await self.writer.close()
+
+    @property
+    def threshold(self) -> int:
+        return self.settings.low_balance_threshold
+
+    # ------------------------------------------------------------ Redis mirror
+
+    async def rebuild(self, user_id: str, *, force: bool = False) -> None:
+        """Loads a user's Redis state from PostgreSQL under the account row lock (coalesced per process)."""
+        running = self._rebuilds.get(user_id)
+        if running is not None and not force:
+            await asyncio.shield(running)
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._rebuilds[user_id] = future
+        try:
+            async with self.engine.begin() as conn:
+                row = await store.get_account(conn, user_id, lock="update")
+                if row is None:
+                    raise NotFound(f"Unknown user {user_id!r}.")
+                if force or not await self.holds.is_loaded(user_id):
+                    open_holds = await store.open_holds(conn, user_id)
+                    await self.holds.load(user_id, int(row.balance), int(row.version), open_holds)
+                    metrics.REDIS_REBUILDS.inc()
+            future.set_result(None)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters re-raise it, nobody else needs to
+            raise
+        finally:
+            if self._rebuilds.get(user_id) is future:
+                del self._rebuilds[user_id]
+
+    async def live(self, user_id: str) -> tuple[int, int]:
+        """(available, held) from Redis, rebuilding a missing mirror first."""
+        for _ in range(5):
+            snap = await self.holds.snapshot(user_id)
+            if snap is not None:
+                balance, held = snap
+                return balance - held, held
+            await self.rebuild(user_id)
+        raise ServiceUnavailable("Could not load the balance; try again.")
+
+    async def _sync(self, syncs: Sequence[_Sync]) -> None:
+        for s in syncs:
+            try:
+                if s.created:
+                    # A new account: overwrite whatever a previous life of this user id left in Redis.
+                    await self.rebuild(s.user_id, force=True)
+                else:
+                    await self.holds.apply(s.user_id, balance=s.balance, version=s.version, ended=s.ended)
+            except NotFound:
+                raise
+            except Exception:
+                # PostgreSQL has the change; Redis catches up at the next sync of this user (versions
+                # only move forward) or at the sweeper's pass. Holds are only ever over-counted here.
+                log.exception("syncing Redis for %s failed", s.user_id)
+
+    # ------------------------------------------------------------ accounts
+
+    async def _create_account(self, conn: AsyncConnection, user_id: str) -> bool:
+        created = await store.insert_account(conn, user_id)
+        if created and self.settings.signup_credits > 0:
+            await store.change_balance(
+                conn,
+                user_id,
+                self.settings.signup_credits,
+                "signup_bonus",
+                f"signup:{user_id}",
+                threshold=self.threshold,
+            )
+        return created
+
+    async def create_user(self, user_id: str) -> tuple[dict[str, Any], bool]:
+        async with self.engine.begin() as conn:
+            created = await self._create_account(conn, user_id)
+        if created:
+            await self._sync([_Sync(user_id, created=True)])
+        return await self.account(user_id), created
+
+    async def account(self, user_id: str) -> dict[str, Any]:
+        async with self.engine.connect() as conn:
+            row = await store.get_account(conn, user_id)
+        if row is None:
+            raise NotFound(f"Unknown user {user_id!r}.")
+        available, held = await self.live(user_id)
+        return {
+            "user_id": row.user_id,
+            "credits_remaining": available,
+            "credits_reserved": held,
+            "credits_purchased_total": int(row.credits_purchased_total),
+            "credits_lifetime_used": int(row.credits_lifetime_used),
+            "credits_owed": int(row.credits_owed),
+            "api_access_unlocked": bool(row.api_access_unlocked),
+            "tier": row.tier,
+            "support_tier": support_tier(int(row.credits_purchased_total)),
+            "low_balance": available <= self.threshold,
+            "last_purchase_date": row.last_purchase_date,
+            "last_purchase_amount": row.last_purchase_amount,
+            "created_at": row.created_at,
+        }
+
+    async def transactions(self, user_id: str, limit: int, before: int | None) -> dict[str, Any]:
+        async with self.engine.connect() as conn:
+            if await store.get_account(conn, user_id) is None:
+                raise NotFound(f"Unknown user {user_id!r}.")
+            rows = await store.transactions(conn, user_id, limit + 1, before)
+        return {
+            "data": [
+                {
+                    "id": r.id,
+                    "type": r.type,
+                    "amount": int(r.amount),
+                    "balance_after": int(r.balance_after),
+                    "reference": r.reference,
+                    "created_at": r.created_at,
+                }
+                for r in rows[:limit]
+            ],
+            "has_more": len(rows) > limit,
+        }
+
+    async def _low_balance_event(self, conn: AsyncConnection, user_id: str, balance: int) -> None:
+        remaining = balance - await store.open_holds_total(conn, user_id)
+        await store.add_outbox(
+            conn, BalanceLow(user_id=user_id, credits_remaining=max(remaining, 0), threshold=self.threshold)
+        )
+        metrics.BALANCE_LOW_EVENTS.inc()
+
+    # ------------------------------------------------------------ credits in
+
+    async def grant(self, user_id: str, credits: int, reason: str, grant_id: str) -> bool:
+        """Admin grant (ledger `admin_add`); returns False when this grant id was already applied."""
+        reference = f"grant:{user_id}:{grant_id}"
+        async with self.engine.begin() as conn:
+            created = await self._create_account(conn, user_id)
+            await store.get_account(conn, user_id, lock="update")
+            if await store.ledger_reference_exists(conn, reference):
+                applied, sync = False, _Sync(user_id, created=created)
+            else:
+                balance, version, _ = await store.change_balance(
+                    conn, user_id, credits, "admin_add", reference, threshold=self.threshold, detail=reason
+                )
+                applied, sync = True, _Sync(user_id, balance, version, created=created)
+        await self._sync([sync])
+        return applied
+
+    async def migrate_subscriptions(self, users: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
+        unknown = sorted({tier for _, tier in users if tier not in MIGRATION_CREDITS})
+        if unknown:
+            raise InvalidRequest(f"Unknown tier(s): {', '.join(unknown)}; nothing was migrated.")
+        results: list[dict[str, Any]] = []
+        syncs: list[_Sync] = []
+        async with self.engine.begin() as conn:
+            for user_id, tier in users:
+                created = await self._create_account(conn, user_id)
+                await store.get_account(conn, user_id, lock="update")
+                reference = f"migration:{user_id}"
+                credits = MIGRATION_CREDITS[tier]
+                if await store.ledger_reference_exists(conn, reference):
+                    results.append(
+                        {"user_id": user_id, "tier": tier, "credits": 0, "status": "already_migrated"}
+                    )
+                    syncs.append(_Sync(user_id, created=created))
+                    continue
+                balance, version, _ = await store.change_balance(
+                    conn, user_id, credits, "migration", reference, threshold=self.threshold, detail=tier
+                )
+                if tier in MIGRATION_UNLOCKS and await store.unlock_api(conn, user_id):
+                    await store.add_outbox(conn, ApiAccessUnlocked(user_id=user_id, purchase_id=None))
+                results.append({"user_id": user_id, "tier": tier, "credits": credits, "status": "migrated"})
+                syncs.append(_Sync(user_id, balance, version, created=created))
+        self._on_outbox()
+        await self._sync(syncs)
+        return results
+
+    async def apply_purchase(self, event: PackPurchased) -> bool:
+        """Credits a purchase exactly once per purchase_id. Returns False for a replay."""
+        user_id, purchase_id, credits = event.user_id, event.purchase_id, event.credits
+        async with self.engine.begin() as conn:
+            created = await self._create_account(conn, user_id)
+            account = await store.get_account(conn, user_id, lock="update")
+            if await store.get_purchase(conn, purchase_id) is not None:
+                replay = True
+                sync = _Sync(user_id, created=created)
+            else:
+                replay = False
+                await store.insert_purchase(
+                    conn,
+                    {
+                        "purchase_id": purchase_id,
+                        "user_id": user_id,
+                        "pack": event.pack,
+                        "credits": credits,
+                        "amount_cents": event.amount_cents,
+                        "currency": event.currency.lower(),
+                        "unlocks_api": event.unlocks_api,
+                    },
+                )
+                balance, version, crossed = await store.change_balance(
+                    conn,
+                    user_id,
+                    credits,
+                    "purchase",
+                    f"purchase:{purchase_id}",
+                    threshold=self.threshold,
+                    purchased=credits,
+                )
+                await store.record_pack_purchase(conn, user_id, event.pack, credits, self.clock())
+                owed = int(account.credits_owed)
+                if owed > 0:
+                    # Debt from earlier refunds is paid first out of the new credits (never below zero:
+                    # the payment is at most the credits just added).
+                    pay = min(owed, credits)
+                    balance, version, crossed = await store.change_balance(
+                        conn,
+                        user_id,
+                        -pay,
+                        "refund_clawback",
+                        f"debt:{purchase_id}",
+                        threshold=self.threshold,
+                    )
+                    await store.add_owed(conn, user_id, -pay)
+                remaining = balance - await store.open_holds_total(conn, user_id)
+                await store.add_outbox(
+                    conn,
+                    PurchaseApplied(
+                        purchase_id=purchase_id, user_id=user_id, credits=credits, credits_remaining=remaining
+                    ),
+                )
+                if event.unlocks_api and await store.unlock_api(conn, user_id):
+                    await store.add_outbox(conn, ApiAccessUnlocked(user_id=user_id, purchase_id=purchase_id))
+                if crossed:
+                    await self._low_balance_event(conn, user_id, balance)
+                sync = _Sync(user_id, balance, version, created=created)
+        if not replay:
+            metrics.PURCHASES_APPLIED.inc()
+            self._on_outbox()
+        await self._sync([sync])
+        return not replay
+
+    async def apply_refund(self, event: PackRefunded) -> bool:
+        """`event.credits` is cumulative for the purchase; claws back the part not yet accounted for."""
+        async with self.engine.connect() as conn:
+            purchase = await store.get_purchase(conn, event.purchase_id)
+        if purchase is None:
+            raise PurchaseNotYetApplied(event.purchase_id)
+        user_id = purchase.user_id
+        cumulative = min(event.credits, int(purchase.credits))
+        if cumulative <= int(purchase.refunded_credits):
+            return False
+        reference = f"refund:{event.purchase_id}:{cumulative}"
+        # The claw-back takes credits through a hold, so it can never race a concurrent reserve into a
+        # negative available balance; what is not available becomes debt.
+        want = cumulative - int(purchase.refunded_credits)
+        hold = await self.reserve(
+            user_id, want, reference, ttl_seconds=300, up_to=True, kind="clawback", count_metrics=False
+        )
+        now = self.clock()
+        async with self.engine.begin() as conn:
+            purchase = await store.get_purchase(conn, event.purchase_id, for_update=True)
+            assert purchase is not None
+            want = cumulative - int(purchase.refunded_credits)
+            reservation = (
+                await store.get_reservation(conn, hold.reservation.id, for_update=True) if hold else None
+            )
+            if want <= 0:
+                if reservation is not None and reservation.status == "held":
+                    await store.lock_accounts_key_share(conn, [user_id])
+                    await store.end_reservation(conn, reservation.id, "released", now)
+                sync = _Sync(user_id, ended=(reservation.id,) if reservation else ())
+                applied = False
+            else:
+                take = 0
+                balance = version = None
+                if reservation is not None and reservation.status == "held":
+                    take = min(reservation.amount, want)
+                    balance, version, crossed = await store.change_balance(
+                        conn, user_id, -take, "refund_clawback", reference, threshold=self.threshold
+                    )
+                    await store.end_reservation(conn, reservation.id, "committed", now, charged=take)
+                    if crossed:
+                        await self._low_balance_event(conn, user_id, balance)
+                else:
+                    await store.get_account(conn, user_id, lock="update")
+                owed = want - take
+                if owed:
+                    await store.add_owed(conn, user_id, owed)
+                await store.update_purchase_refund(conn, event.purchase_id, cumulative, take, owed)
+                sync = _Sync(user_id, balance, version, ended=(reservation.id,) if reservation else ())
+                applied = True
+        metrics.REFUNDS_APPLIED.inc()
+        self._on_outbox()
+        await self._sync([sync])
+        return applied
+
+    # ------------------------------------------------------------ holds
+
+    async def reserve(
+        self,
+        user_id: str,
+        amount: int,
+        idempotency_key: str | None,
+        ttl_seconds: int | None = None,
+        *,
+        up_to: bool = False,
+        kind: str = "usage",
+        count_metrics: bool = True,
+    ) -> ReserveResult | None:
+        ttl = ttl_seconds or self.settings.reservation_ttl_seconds
+        rid = str(uuid.uuid4())
+        now = self.clock()
+        expires_at = now + timedelta(seconds=ttl)
+        deadline_ms = int(expires_at.timestamp() * 1000)
+        for _ in range(5):
+            outcome = await self.holds.reserve(
+                user_id, rid, amount, idempotency_key, deadline_ms, up_to=up_to
+            )
+            if outcome.status != -1:
+                break
+            await self.rebuild(user_id)  # raises NotFound for an unknown user
+        else:
+            raise ServiceUnavailable("Could not load the balance; try again.")
+        if outcome.status == 0:
+            if count_metrics:
+                metrics.RESERVATIONS.labels("insufficient").inc()
+            raise InsufficientCredits()
+        if outcome.status == 2:
+            assert outcome.existing_id is not None
+            existing = await self._await_reservation(outcome.existing_id)
+            available, _ = await self.live(user_id)
+            if count_metrics:
+                metrics.RESERVATIONS.labels("replayed").inc()
+            return ReserveResult(existing, available)
+        if outcome.held == 0:
+            return None  # up_to with nothing available
+        hold = NewHold(rid, user_id, outcome.held, idempotency_key, kind, expires_at)
+        try:
+            persisted = await self.writer.persist(hold, outcome.epoch)
+        except Exception as exc:
+            await self._undo_hold(user_id, rid)
+            raise ServiceUnavailable("Could not record the reservation; try again.") from exc
+        if persisted is Persisted.DUPLICATE:
+            await self._undo_hold(user_id, rid)
+            assert idempotency_key is not None
+            async with self.engine.connect() as conn:
+                found = await store.get_reservation_by_key(conn, user_id, idempotency_key)
+            if found is None:
+                raise ServiceUnavailable("Could not record the reservation; try again.")
+            available, _ = await self.live(user_id)
+            return ReserveResult(found, available)
+        if persisted is Persisted.LOST:
+            async with self.engine.begin() as conn:
+                await store.lock_accounts_key_share(conn, [user_id])
+                await store.end_reservation(conn, rid, "released", self.clock())
+            await self._sync([_Sync(user_id, ended=(rid,))])
+            if count_metrics:
+                metrics.RESERVATIONS.labels("insufficient").inc()
+            raise InsufficientCredits()
+        if count_metrics:
+            metrics.RESERVATIONS.labels("held").inc()
+            metrics.CREDITS_RESERVED.inc(outcome.held)
+        reservation = Reservation(
+            rid, user_id, outcome.held, idempotency_key, kind, "held", None, expires_at, now
+        )
+        return ReserveResult(reservation, outcome.available)
+
+    async def _undo_hold(self, user_id: str, rid: str) -> None:
+        try:
+            await self.holds.apply(user_id, ended=(rid,))
+        except Exception:
+            log.exception("could not drop hold %s from Redis; the sweeper will", rid)
+
+    async def _await_reservation(self, rid: str) -> Reservation:
+        """The reservation behind an idempotent replay; its first request may still be persisting it."""
+        for _ in range(60):
+            async with self.engine.connect() as conn:
+                found = await store.get_reservation(conn, rid)
+            if found is not None:
+                return found
+            await asyncio.sleep(0.05)
+        raise ServiceUnavailable("The reservation with this idempotency key is still being recorded; retry.")
+
+    async def get_reservation(self, rid: str) -> Reservation:
+        if not _is_uuid(rid):
+            raise NotFound("Unknown reservation.")
+        async with self.engine.connect() as conn:
+            found = await store.get_reservation(conn, rid)
+        if found is None:
+            raise NotFound("Unknown reservation.")
+        return found
+
+    async def commit(self, rid: str, amount: int | None) -> SettleResult:
+        if not _is_uuid(rid):
+            raise NotFound("Unknown reservation.")
+        now = self.clock()
+        expired = crossed = False
+        charged = 0
+        sync: _Sync | None = None
+        async with self.engine.begin() as conn:
+            res = await store.get_reservation(conn, rid, for_update=True)
+            if res is None:
+                raise NotFound("Unknown reservation.")
+            if res.status == "committed":
+                charged = int(res.charged or 0)
+            elif res.status in ("released", "expired"):
+                raise Conflict(f"Reservation {rid} was {res.status}; it can no longer be committed.")
+            elif res.expires_at <= now:
+                await store.lock_accounts_key_share(conn, [res.user_id])
+                await store.end_reservation(conn, rid, "expired", now)
+                expired = True
+                sync = _Sync(res.user_id, ended=(rid,))
+            else:
+                charged = res.amount if amount is None else amount
+                if charged > res.amount:
+                    raise InvalidRequest(f"amount {charged} exceeds the {res.amount} credits reserved.")
+                balance, version, crossed = await store.change_balance(
+                    conn,
+                    res.user_id,
+                    -charged,
+                    "usage",
+                    f"reservation:{rid}:commit",
+                    threshold=self.threshold,
+                    used=charged,
+                )
+                await store.end_reservation(conn, rid, "committed", now, charged=charged)
+                if crossed:
+                    await self._low_balance_event(conn, res.user_id, balance)
+                sync = _Sync(res.user_id, balance, version, ended=(rid,))
+        if expired:
+            metrics.CREDITS_EXPIRED.inc(res.amount)
+            await self._sync([sync] if sync else [])
+            raise Conflict(f"Reservation {rid} expired; it can no longer be committed.")
+        available: int | None = None
+        if sync is not None:
+            metrics.CREDITS_COMMITTED.inc(charged)
+            metrics.CREDITS_RELEASED.inc(res.amount - charged)
+            if crossed:
+                self._on_outbox()
+            try:
+                available = await self.holds.apply(
+                    res.user_id, balance=sync.balance, version=sync.version, ended=sync.ended
+                )
+            except Exception:
+                log.exception("syncing Redis after commit %s failed", rid)
+        if available is None:
+            available, _ = await self.live(res.user_id)
+        return SettleResult(rid, charged, res.amount - charged, available)
+
+    async def release(self, rid: str) -> SettleResult:
+        if not _is_uuid(rid):
+            raise NotFound("Unknown reservation.")
+        now = self.clock()
+        async with self.engine.begin() as conn:
+            res = await store.get_reservation(conn, rid, for_update=True)
+            if res is None:
+                raise NotFound("Unknown reservation.")
+            if res.status == "committed":
+                raise Conflict(f"Reservation {rid} was committed; it can no longer be released.")
+            ended_now = res.status == "held"
+            if ended_now:
+                await store.lock_accounts_key_share(conn, [res.user_id])
+                await store.end_reservation(conn, rid, "released", now)
+        available: int | None = None
+        if ended_now:
+            metrics.CREDITS_RELEASED.inc(res.amount)
+            try:
+                available = await self.holds.apply(res.user_id, ended=(rid,))
+            except Exception:
+                log.exception("syncing Redis after release %s failed", rid)
+        if available is None:
+            available, _ = await self.live(res.user_id)
+        return SettleResult(rid, 0, res.amount, available)
+
+    async def analytics(self) -> dict[str, Any]:
+        async with self.engine.connect() as conn:
+            data = await store.analytics(conn)
+        total, paying = data["total_users"], data["paying_users"]
+        data["conversion_rate"] = paying / total if total else 0.0
+        data["tier_breakdown"].setdefault("free", 0)
+        return data
+
+    # ------------------------------------------------------------ sweeping
+
+    async def expire_due(self, now: datetime | None = None, limit: int = 500) -> int:
+        """Ends every hold past its deadline in PostgreSQL (the ledger learns of each), then in Redis."""
+        now = now or self.clock()
+        total = 0
+        while True:
+            async with self.engine.begin() as conn:
+                expired = await store.expire_due(conn, now, limit)
+                if expired:
+                    await store.lock_accounts_key_share(conn, [r.user_id for r in expired])
+            by_user: dict[str, list[str]] = defaultdict(list)
+            for r in expired:
+                by_user[r.user_id].append(r.id)
+                metrics.CREDITS_EXPIRED.inc(r.amount)
+            await self._sync([_Sync(u, ended=tuple(ids)) for u, ids in by_user.items()])
+            total += len(expired)
+            if len(expired) < limit:
+                return total
+
+    async def sweep_redis(self, now: datetime | None = None) -> int:
+        """Drops Redis holds whose deadline has passed and that PostgreSQL does not hold open: holds
+        that ended while their sync to Redis failed, and holds that never reached PostgreSQL."""
+        now = now or self.clock()
+        cutoff_ms = int((now.timestamp() - self.settings.orphan_grace_seconds) * 1000)
+        dropped = 0
+        for shard in range(self.holds.deadline_shards):
+            due = await self.holds.due_deadlines(shard, cutoff_ms)
+            if not due:
+                continue
+            ids = [rid for _, _, rid in due if _is_uuid(rid)]
+            async with self.engine.connect() as conn:
+                statuses = await store.reservation_statuses(conn, ids)
+                balances = await store.balances_of(conn, sorted({u for _, u, _ in due}))
+            by_user: dict[str, list[str]] = defaultdict(list)
+            done: list[str] = []
+            for member, user_id, rid in due:
+                status = statuses.get(rid)
+                if status == "held":
+                    continue  # expire_due ends it in PostgreSQL first
+                if status is None:
+                    metrics.ORPHAN_HOLDS_DROPPED.inc()
+                by_user[user_id].append(rid)
+                done.append(member)
+            for user_id, rids in by_user.items():
+                balance, version = balances.get(user_id, (None, None))
+                try:
+                    await self.holds.apply(user_id, balance=balance, version=version, ended=rids)
+                except Exception:
+                    log.exception("sweeping Redis holds of %s failed", user_id)
+            await self.holds.drop_deadlines(shard, done)
+            dropped += len(done)
+        return dropped
+
+
+def valid_user_id(value: str) -> bool:
+    """1-200 characters, no control characters (they would break logs, keys and headers)."""
+    return 0 < len(value) <= 200 and value.isprintable()
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,25 @@
+-- After a hold is persisted: if the account was rebuilt since the hold was placed (the epoch changed),
+-- the rebuild may have missed it; put it back if the credits are still available.
+-- KEYS[1]  credits:{<user_id>}:acct (fields as in reserve.lua)
+-- ARGV[1]  reservation id, ARGV[2] held credits, ARGV[3] idempotency key or "", ARGV[4] epoch seen by reserve
+-- Returns {1, available} when the hold stands (or the account is not loaded: the next rebuild reads
+-- the persisted hold), {0, available} when it could not be restored (the caller fails the reserve).
+local acct = KEYS[1]
+if redis.call('EXISTS', acct) == 0 then
+  return {1, -1}
+end
+local vals = redis.call('HMGET', acct, 'b', 'd', 'e')
+local available = tonumber(vals[1]) - tonumber(vals[2])
+if vals[3] == ARGV[4] or redis.call('HEXISTS', acct, 'h:' .. ARGV[1]) == 1 then
+  return {1, available}
+end
+local amount = tonumber(ARGV[2])
+if amount > available then
+  return {0, available}
+end
+redis.call('HINCRBY', acct, 'd', amount)
+redis.call('HSET', acct, 'h:' .. ARGV[1], amount)
+if ARGV[3] ~= '' then
+  redis.call('HSET', acct, 'i:' .. ARGV[3], ARGV[1], 'k:' .. ARGV[1], ARGV[3])
+end
+return {1, available - amount}

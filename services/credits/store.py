@@ -1,0 +1,475 @@
+"""All SQL of the credits service (SQLAlchemy 2.0 Core over asyncpg).
+
+Locking rule that keeps Redis rebuilds exact: every transaction that changes what Redis mirrors for a
+user (balance or the set of open holds) locks that user's `accounts` row — `FOR KEY SHARE` at least,
+an UPDATE when the balance moves — and a rebuild reads the snapshot under `FOR UPDATE` and loads Redis
+before it commits. So a rebuild never loads a snapshot that a concurrent change has already overtaken.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from shared.events import Event
+
+ACCOUNT_COLUMNS = (
+    "user_id, balance, credits_purchased_total, credits_lifetime_used, credits_owed, api_access_unlocked, "
+    "tier, tier_credits, low_balance_notified, last_purchase_date, last_purchase_amount, version, created_at"
+)
+
+
+@dataclass(frozen=True)
+class Reservation:
+    id: str
+    user_id: str
+    amount: int
+    idempotency_key: str | None
+    kind: str
+    status: str
+    charged: int | None
+    expires_at: datetime
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class NewHold:
+    id: str
+    user_id: str
+    amount: int
+    idempotency_key: str | None
+    kind: str
+    expires_at: datetime
+
+
+def _reservation(row: Any) -> Reservation:
+    return Reservation(
+        id=str(row.id),
+        user_id=row.user_id,
+        amount=row.amount,
+        idempotency_key=row.idempotency_key,
+        kind=row.kind,
+        status=row.status,
+        charged=row.charged,
+        expires_at=row.expires_at,
+        created_at=row.created_at,
+    )
+
+
+RES_COLUMNS = "id, user_id, amount, idempotency_key, kind, status, charged, expires_at, created_at"
+
+# ---------------------------------------------------------------- accounts
+
+
+async def insert_account(conn: AsyncConnection, user_id: str) -> bool:
+    row = (
+        await conn.execute(
+            text(
+                "INSERT INTO accounts (user_id) VALUES (:u) ON CONFLICT (user_id) DO NOTHING RETURNING user_id"
+            ),
+            {"u": user_id},
+        )
+    ).first()
+    return row is not None
+
+
+async def get_account(conn: AsyncConnection, user_id: str, lock: str = "") -> Any:
+    suffix = {"": "", "update": " FOR UPDATE", "key_share": " FOR KEY SHARE"}[lock]
+    return (
+        await conn.execute(
+            text(f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE user_id = :u{suffix}"), {"u": user_id}
+        )
+    ).first()
+
+
+async def lock_accounts_key_share(conn: AsyncConnection, user_ids: Sequence[str]) -> None:
+    await conn.execute(
+        text("SELECT 1 FROM accounts WHERE user_id = ANY(CAST(:u AS text[])) ORDER BY user_id FOR KEY SHARE"),
+        {"u": sorted(set(user_ids))},
+    )
+
+
+async def ledger_reference_exists(conn: AsyncConnection, reference: str) -> bool:
+    row = (
+        await conn.execute(text("SELECT 1 FROM ledger_entries WHERE reference = :r"), {"r": reference})
+    ).first()
+    return row is not None
+
+
+async def change_balance(
+    conn: AsyncConnection,
+    user_id: str,
+    amount: int,
+    entry_type: str,
+    reference: str,
+    *,
+    threshold: int,
+    purchased: int = 0,
+    used: int = 0,
+    detail: str | None = None,
+) -> tuple[int, int, bool]:
+    """Adds a signed ledger entry and moves the cached balance in the same transaction.
+
+    Returns (balance_after, version, low_balance_crossed): crossed is true once per downward crossing
+    of the threshold (the flag resets when the balance rises above it again).
+    """
+    row = (
+        await conn.execute(
+            text(
+                """
+                WITH old AS (
+                    SELECT user_id, low_balance_notified AS was FROM accounts WHERE user_id = :u FOR NO KEY UPDATE
+                )
+                UPDATE accounts a SET
+                    balance = a.balance + :a,
+                    credits_purchased_total = a.credits_purchased_total + :p,
+                    credits_lifetime_used = a.credits_lifetime_used + :used,
+                    version = a.version + 1,
+                    low_balance_notified = CASE
+                        WHEN a.balance + :a > :t THEN false
+                        WHEN :a < 0 AND a.balance + :a <= :t THEN true
+                        ELSE a.low_balance_notified END
+                FROM old WHERE a.user_id = old.user_id
+                RETURNING a.balance, a.version, a.low_balance_notified, old.was AS was_notified
+                """
+            ),
+            {"a": amount, "p": purchased, "used": used, "t": threshold, "u": user_id},
+        )
+    ).one()
+    if amount != 0:
+        await conn.execute(
+            text(
+                "INSERT INTO ledger_entries (user_id, type, amount, balance_after, reference, detail) "
+                "VALUES (:u, :t, :a, :b, :r, :d)"
+            ),
+            {"u": user_id, "t": entry_type, "a": amount, "b": row.balance, "r": reference, "d": detail},
+        )
+    crossed = bool(row.low_balance_notified) and not bool(row.was_notified)
+    return int(row.balance), int(row.version), crossed
+
+
+async def open_holds_total(conn: AsyncConnection, user_id: str) -> int:
+    return int(
+        (
+            await conn.execute(
+                text(
+                    "SELECT COALESCE(SUM(amount), 0) FROM reservations WHERE user_id = :u AND status = 'held'"
+                ),
+                {"u": user_id},
+            )
+        ).scalar_one()
+    )
+
+
+async def open_holds(conn: AsyncConnection, user_id: str) -> list[tuple[str, int, str | None]]:
+    rows = await conn.execute(
+        text("SELECT id, amount, idempotency_key FROM reservations WHERE user_id = :u AND status = 'held'"),
+        {"u": user_id},
+    )
+    return [(str(r.id), int(r.amount), r.idempotency_key) for r in rows]
+
+
+async def set_account_flags(conn: AsyncConnection, user_id: str, **values: Any) -> None:
+    assignments = ", ".join(f"{k} = :{k}" for k in values)
+    await conn.execute(
+        text(f"UPDATE accounts SET {assignments} WHERE user_id = :u"), {**values, "u": user_id}
+    )
+
+
+async def unlock_api(conn: AsyncConnection, user_id: str) -> bool:
+    """Returns true only for the first unlock."""
+    row = (
+        await conn.execute(
+            text(
+                "UPDATE accounts SET api_access_unlocked = true WHERE user_id = :u AND NOT api_access_unlocked "
+                "RETURNING user_id"
+            ),
+            {"u": user_id},
+        )
+    ).first()
+    return row is not None
+
+
+async def record_pack_purchase(
+    conn: AsyncConnection, user_id: str, pack: str, credits: int, when: datetime
+) -> None:
+    await conn.execute(
+        text(
+            """
+            UPDATE accounts SET
+                last_purchase_date = :w, last_purchase_amount = :c,
+                tier = CASE WHEN :c > tier_credits THEN :p ELSE tier END,
+                tier_credits = GREATEST(tier_credits, :c)
+            WHERE user_id = :u
+            """
+        ),
+        {"w": when, "c": credits, "p": pack, "u": user_id},
+    )
+
+
+async def add_owed(conn: AsyncConnection, user_id: str, delta: int) -> None:
+    await conn.execute(
+        text("UPDATE accounts SET credits_owed = credits_owed + :d WHERE user_id = :u"),
+        {"d": delta, "u": user_id},
+    )
+
+
+# ---------------------------------------------------------------- ledger reads
+
+
+async def transactions(conn: AsyncConnection, user_id: str, limit: int, before: int | None) -> list[Any]:
+    query = (
+        "SELECT id, type, amount, balance_after, reference, created_at FROM ledger_entries WHERE user_id = :u"
+        + (" AND id < :b" if before is not None else "")
+        + " ORDER BY id DESC LIMIT :l"
+    )
+    return list((await conn.execute(text(query), {"u": user_id, "b": before, "l": limit})).all())
+
+
+async def ledger_sum(conn: AsyncConnection, user_id: str) -> int:
+    return int(
+        (
+            await conn.execute(
+                text("SELECT COALESCE(SUM(amount), 0) FROM ledger_entries WHERE user_id = :u"), {"u": user_id}
+            )
+        ).scalar_one()
+    )
+
+
+# ---------------------------------------------------------------- reservations
+
+
+async def insert_holds(conn: AsyncConnection, holds: Sequence[NewHold]) -> set[str]:
+    """Inserts a batch of holds; returns the ids inserted (an idempotency-key clash inserts nothing)."""
+    rows = await conn.execute(
+        text(
+            """
+            INSERT INTO reservations (id, user_id, amount, idempotency_key, kind, expires_at)
+            SELECT * FROM unnest(CAST(:ids AS uuid[]), CAST(:users AS text[]), CAST(:amounts AS bigint[]),
+                                 CAST(:keys AS text[]), CAST(:kinds AS text[]), CAST(:expires AS timestamptz[]))
+            ON CONFLICT DO NOTHING
+            RETURNING id
+            """
+        ),
+        {
+            "ids": [h.id for h in holds],
+            "users": [h.user_id for h in holds],
+            "amounts": [h.amount for h in holds],
+            "keys": [h.idempotency_key for h in holds],
+            "kinds": [h.kind for h in holds],
+            "expires": [h.expires_at for h in holds],
+        },
+    )
+    return {str(r.id) for r in rows}
+
+
+async def get_reservation(
+    conn: AsyncConnection, reservation_id: str, *, for_update: bool = False
+) -> Reservation | None:
+    row = (
+        await conn.execute(
+            text(
+                f"SELECT {RES_COLUMNS} FROM reservations WHERE id = :id"
+                + (" FOR UPDATE" if for_update else "")
+            ),
+            {"id": reservation_id},
+        )
+    ).first()
+    return _reservation(row) if row else None
+
+
+async def get_reservation_by_key(conn: AsyncConnection, user_id: str, key: str) -> Reservation | None:
+    row = (
+        await conn.execute(
+            text(f"SELECT {RES_COLUMNS} FROM reservations WHERE user_id = :u AND idempotency_key = :k"),
+            {"u": user_id, "k": key},
+        )
+    ).first()
+    return _reservation(row) if row else None
+
+
+async def end_reservation(
+    conn: AsyncConnection, reservation_id: str, status: str, when: datetime, charged: int | None = None
+) -> None:
+    await conn.execute(
+        text("UPDATE reservations SET status = :s, charged = :c, ended_at = :w WHERE id = :id"),
+        {"s": status, "c": charged, "w": when, "id": reservation_id},
+    )
+
+
+async def expire_due(conn: AsyncConnection, now: datetime, limit: int) -> list[Reservation]:
+    rows = await conn.execute(
+        text(
+            f"""
+            UPDATE reservations SET status = 'expired', ended_at = :now
+            WHERE id IN (
+                SELECT id FROM reservations WHERE status = 'held' AND expires_at <= :now
+                ORDER BY expires_at LIMIT :l FOR UPDATE SKIP LOCKED)
+            RETURNING {RES_COLUMNS}
+            """
+        ),
+        {"now": now, "l": limit},
+    )
+    return [_reservation(r) for r in rows]
+
+
+async def reservation_statuses(conn: AsyncConnection, ids: Sequence[str]) -> dict[str, str]:
+    rows = await conn.execute(
+        text("SELECT id, status FROM reservations WHERE id = ANY(CAST(:ids AS uuid[]))"), {"ids": list(ids)}
+    )
+    return {str(r.id): r.status for r in rows}
+
+
+async def balances_of(conn: AsyncConnection, user_ids: Sequence[str]) -> dict[str, tuple[int, int]]:
+    rows = await conn.execute(
+        text("SELECT user_id, balance, version FROM accounts WHERE user_id = ANY(CAST(:u AS text[]))"),
+        {"u": list(user_ids)},
+    )
+    return {r.user_id: (int(r.balance), int(r.version)) for r in rows}
+
+
+# ---------------------------------------------------------------- purchases
+
+
+async def get_purchase(conn: AsyncConnection, purchase_id: str, *, for_update: bool = False) -> Any:
+    return (
+        await conn.execute(
+            text("SELECT * FROM purchases WHERE purchase_id = :p" + (" FOR UPDATE" if for_update else "")),
+            {"p": purchase_id},
+        )
+    ).first()
+
+
+async def insert_purchase(conn: AsyncConnection, values: dict[str, Any]) -> None:
+    await conn.execute(
+        text(
+            "INSERT INTO purchases (purchase_id, user_id, pack, credits, amount_cents, currency, unlocks_api) "
+            "VALUES (:purchase_id, :user_id, :pack, :credits, :amount_cents, :currency, :unlocks_api)"
+        ),
+        values,
+    )
+
+
+async def update_purchase_refund(
+    conn: AsyncConnection, purchase_id: str, refunded: int, clawed_back: int, owed: int
+) -> None:
+    await conn.execute(
+        text(
+            "UPDATE purchases SET refunded_credits = :r, clawed_back = clawed_back + :c, "
+            "owed_recorded = owed_recorded + :o WHERE purchase_id = :p"
+        ),
+        {"r": refunded, "c": clawed_back, "o": owed, "p": purchase_id},
+    )
+
+
+# ---------------------------------------------------------------- api keys
+
+
+async def insert_api_key(
+    conn: AsyncConnection, key_id: str, user_id: str, name: str | None, prefix: str, key_hash: str
+) -> Any:
+    return (
+        await conn.execute(
+            text(
+                "INSERT INTO api_keys (id, user_id, name, prefix, key_hash) VALUES (:i, :u, :n, :p, :h) "
+                "RETURNING id, name, prefix, created_at, revoked_at"
+            ),
+            {"i": key_id, "u": user_id, "n": name, "p": prefix, "h": key_hash},
+        )
+    ).one()
+
+
+async def list_api_keys(conn: AsyncConnection, user_id: str) -> list[Any]:
+    rows = await conn.execute(
+        text(
+            "SELECT id, name, prefix, created_at, revoked_at FROM api_keys WHERE user_id = :u "
+            "ORDER BY created_at, id"
+        ),
+        {"u": user_id},
+    )
+    return list(rows)
+
+
+async def revoke_api_key(conn: AsyncConnection, user_id: str, key_id: str, when: datetime) -> Any:
+    return (
+        await conn.execute(
+            text(
+                "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, :w) WHERE id = :i AND user_id = :u "
+                "RETURNING id, name, prefix, created_at, revoked_at"
+            ),
+            {"w": when, "i": key_id, "u": user_id},
+        )
+    ).first()
+
+
+async def find_api_key(conn: AsyncConnection, key_hash: str) -> Any:
+    return (
+        await conn.execute(
+            text(
+                "SELECT k.id, k.user_id, k.revoked_at, a.api_access_unlocked FROM api_keys k "
+                "JOIN accounts a ON a.user_id = k.user_id WHERE k.key_hash = :h"
+            ),
+            {"h": key_hash},
+        )
+    ).first()
+
+
+# ---------------------------------------------------------------- analytics
+
+
+async def analytics(conn: AsyncConnection) -> dict[str, Any]:
+    totals = (
+        await conn.execute(
+            text(
+                "SELECT count(*) AS users, COALESCE(SUM(credits_purchased_total), 0) AS purchased, "
+                "COALESCE(SUM(credits_lifetime_used), 0) AS used, COALESCE(SUM(balance), 0) AS remaining "
+                "FROM accounts"
+            )
+        )
+    ).one()
+    paying = (await conn.execute(text("SELECT count(DISTINCT user_id) FROM purchases"))).scalar_one()
+    tiers = await conn.execute(text("SELECT tier, count(*) AS n FROM accounts GROUP BY tier"))
+    revenue = await conn.execute(text("SELECT pack, SUM(amount_cents) AS cents FROM purchases GROUP BY pack"))
+    return {
+        "total_users": int(totals.users),
+        "paying_users": int(paying),
+        "tier_breakdown": {r.tier: int(r.n) for r in tiers},
+        "revenue_by_pack_cents": {r.pack: int(r.cents) for r in revenue},
+        "total_credits_purchased": int(totals.purchased),
+        "total_credits_used": int(totals.used),
+        "total_credits_remaining": int(totals.remaining),
+    }
+
+
+# ---------------------------------------------------------------- outbox
+
+
+async def add_outbox(conn: AsyncConnection, event: Event) -> None:
+    await conn.execute(
+        text("INSERT INTO outbox (routing_key, body) VALUES (:k, :b)"),
+        {"k": event.routing_key, "b": orjson.dumps(event.body()).decode()},
+    )
+
+
+async def claim_outbox(conn: AsyncConnection, limit: int) -> list[Any]:
+    rows = await conn.execute(
+        text(
+            "SELECT id, routing_key, body FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT :l "
+            "FOR UPDATE SKIP LOCKED"
+        ),
+        {"l": limit},
+    )
+    return list(rows)
+
+
+async def mark_published(conn: AsyncConnection, ids: Sequence[int], when: datetime) -> None:
+    await conn.execute(
+        text("UPDATE outbox SET published_at = :w WHERE id = ANY(CAST(:ids AS bigint[]))"),
+        {"w": when, "ids": list(ids)},
+    )

@@ -1,0 +1,44 @@
+"""Background sweeper: expires holds past their deadline (PostgreSQL first, so the ledger learns of every
+expiry) and drops Redis-only leftovers. Several processes may run it: rows are claimed with SKIP LOCKED."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from services.credits.ledger import Ledger
+
+log = logging.getLogger("credits.sweeper")
+
+
+class Sweeper:
+    def __init__(self, ledger: Ledger, interval_seconds: float) -> None:
+        self.ledger = ledger
+        self.interval = interval_seconds
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="credits-sweeper")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def sweep_once(self) -> tuple[int, int]:
+        expired = await self.ledger.expire_due()
+        dropped = await self.ledger.sweep_redis()
+        return expired, dropped
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.sweep_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("sweep failed; retrying")
+            await asyncio.sleep(self.interval)
