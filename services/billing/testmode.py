@@ -88,6 +88,17 @@ def checkout_session_object(purchase: Purchase, *, paid: bool, expired: bool = F
         "total_details": {"amount_discount": 0, "amount_shipping": 0, "amount_tax": 0},
         "ui_mode": "hosted",
         "url": None,
+        "adaptive_pricing": {"enabled": False},
+        "collected_information": None,
+        "currency_conversion": None,
+        "customer_account": None,
+        "discounts": [],
+        "integration_identifier": None,
+        "managed_payments": {"enabled": False},
+        "origin_context": None,
+        "permissions": None,
+        "saved_payment_method_options": None,
+        "wallet_options": None,
     }
 
 
