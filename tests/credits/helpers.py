@@ -1,0 +1,70 @@
+"""Assertions on the effects the credits tests care about: balances, ledger rows, open holds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import httpx
+
+from tests.support.credits_service import CreditsService
+
+
+def assert_envelope(r: httpx.Response, status: int, code: str) -> None:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) == {"type", "code", "message"}, body
+    assert body["error"]["code"] == code, body
+
+
+@dataclass
+class Checker:
+    pg: asyncpg.Pool
+    credits: CreditsService
+
+    async def state(self, user_id: str) -> dict[str, Any]:
+        """Everything PostgreSQL knows about a user: balances, ledger, holds, keys."""
+        async with self.pg.acquire() as conn:
+            account = await conn.fetchrow("SELECT * FROM accounts WHERE user_id = $1", user_id)
+            ledger = await conn.fetch("SELECT * FROM ledger_entries WHERE user_id = $1 ORDER BY id", user_id)
+            holds = await conn.fetch(
+                "SELECT id, amount, status, charged FROM reservations WHERE user_id = $1 ORDER BY created_at, id",
+                user_id,
+            )
+            keys = await conn.fetch(
+                "SELECT id, revoked_at FROM api_keys WHERE user_id = $1 ORDER BY id", user_id
+            )
+            purchases = await conn.fetch(
+                "SELECT * FROM purchases WHERE user_id = $1 ORDER BY purchase_id", user_id
+            )
+        return {
+            "account": dict(account) if account else None,
+            "ledger": [dict(r) for r in ledger],
+            "holds": [dict(r) for r in holds],
+            "keys": [dict(r) for r in keys],
+            "purchases": [dict(r) for r in purchases],
+        }
+
+    async def consistent(self, user_id: str, client: httpx.AsyncClient | None = None) -> dict[str, Any]:
+        """Balance = ledger sum, balance_after is the running sum, available = balance - open holds ≥ 0."""
+        s = await self.state(user_id)
+        assert s["account"] is not None
+        running = 0
+        for entry in s["ledger"]:
+            running += entry["amount"]
+            assert entry["balance_after"] == running, s["ledger"]
+        assert s["account"]["balance"] == running
+        held = sum(h["amount"] for h in s["holds"] if h["status"] == "held")
+        for h in s["holds"]:
+            if h["status"] == "committed":
+                assert 0 <= h["charged"] <= h["amount"]
+        assert s["account"]["balance"] - held >= 0
+        if client is not None:
+            r = await client.get(f"/v1/users/{user_id}/credits")
+            assert r.status_code == 200, r.text
+            acct = r.json()
+            assert acct["credits_remaining"] == s["account"]["balance"] - held, (acct, s["account"], held)
+            assert acct["credits_reserved"] == held
+        return s
