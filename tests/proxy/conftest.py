@@ -26,6 +26,9 @@ default: {per_request: 1}
 models:
   gpt-4o-mini: {per_1k_input_tokens: 2, per_1k_output_tokens: 8, max_reserve: 40}
   dall-e-3: {per_request: 5}
+  # One credit per token in and out, so a test can predict a charge from the events it saw.
+  standin-drop-after-5: {per_1k_input_tokens: 1000, per_1k_output_tokens: 1000, max_reserve: 100}
+  standin-trickle-30-words-60: {per_1k_input_tokens: 1000, per_1k_output_tokens: 1000, max_reserve: 100}
 """
 
 
