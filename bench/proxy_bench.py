@@ -44,7 +44,9 @@ from services.proxy.httpclient import HttpPool
 ROOT = Path(__file__).resolve().parents[1]
 LITELLM_VENV = ROOT / "bench" / ".litellm"
 LOG_DIR = ROOT / "bench" / "logs"
-BODY = orjson.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello in five words"}]})
+BODY = orjson.dumps(
+    {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello in five words"}]}
+)
 JSON = (b"content-type", b"application/json")
 USER = "bench-user"
 ADMIN = "dev-admin-token"
@@ -75,7 +77,9 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> 
 def process(name: str, argv: list[str], env: dict[str, str], ready_url: str) -> Iterator[None]:
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     log = open(LOG_DIR / f"{name}.log", "wb")
-    proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=log, start_new_session=True)
+    proc = subprocess.Popen(
+        argv, cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=log, start_new_session=True
+    )
     try:
         wait_http(ready_url, proc)
         yield
@@ -144,7 +148,9 @@ async def open_loop(pool: HttpPool, headers: list[tuple[bytes, bytes]], rate: fl
     return Step(rate, total, errors, pct(latencies, 0.5) * 1000, pct(latencies, 0.99) * 1000)
 
 
-async def measure(name: str, base_url: str, headers: list[tuple[bytes, bytes]], direct_url: str, args: argparse.Namespace) -> dict[str, object]:
+async def measure(
+    name: str, base_url: str, headers: list[tuple[bytes, bytes]], direct_url: str, args: argparse.Namespace
+) -> dict[str, object]:
     pool = HttpPool(base_url, max_connections=2048)
     direct = HttpPool(direct_url, default_headers=[(b"authorization", b"Bearer sk-bench")])
     all_headers = [JSON, *headers]
@@ -169,7 +175,10 @@ async def measure(name: str, base_url: str, headers: list[tuple[bytes, bytes]], 
     for rate in args.rates:
         step = await open_loop(pool, all_headers, rate, args.seconds)
         steps.append(step)
-        print(f"  {name:8} {rate:7.0f}/s  sent {step.sent:6d}  errors {step.errors:4d}  p50 {step.p50:7.2f} ms  p99 {step.p99:8.2f} ms", flush=True)
+        print(
+            f"  {name:8} {rate:7.0f}/s  sent {step.sent:6d}  errors {step.errors:4d}  p50 {step.p50:7.2f} ms  p99 {step.p99:8.2f} ms",
+            flush=True,
+        )
         if step.errors == 0 and step.p99 <= 10.0:
             best = max(best, rate)
         elif step.p99 > 50 or step.errors:
@@ -186,9 +195,17 @@ def setup_user(credits_url: str) -> str | None:
     """Credits for the bench user and, if credits allows it, an API key (the realistic caller)."""
     admin = {"authorization": f"Bearer {ADMIN}"}
     internal = {"authorization": f"Bearer {INTERNAL}"}
-    r = httpx.post(f"{credits_url}/v1/admin/users/{USER}/grants", json={"credits": 100_000_000, "reason": "bench"}, headers=admin)
+    r = httpx.post(
+        f"{credits_url}/v1/admin/users/{USER}/grants",
+        json={"credits": 100_000_000, "reason": "bench"},
+        headers=admin,
+    )
     r.raise_for_status()
-    httpx.post(f"{credits_url}/v1/admin/migrations/subscriptions", json={"users": [{"user_id": USER, "tier": "pro"}]}, headers=admin)
+    httpx.post(
+        f"{credits_url}/v1/admin/migrations/subscriptions",
+        json={"users": [{"user_id": USER, "tier": "pro"}]},
+        headers=admin,
+    )
     r = httpx.post(f"{credits_url}/v1/users/{USER}/api-keys", json={"name": "bench"}, headers=internal)
     return str(r.json()["key"]) if r.status_code == 201 else None
 
@@ -209,7 +226,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000, help="sequential requests per target")
     parser.add_argument("--seconds", type=float, default=4.0, help="duration of each open-loop step")
     parser.add_argument(
-        "--rates", type=lambda s: [float(x) for x in s.split(",")],
+        "--rates",
+        type=lambda s: [float(x) for x in s.split(",")],
         default=[100, 250, 500, 750, 1000, 1250, 1500, 1750, 2000, 2500, 3000],
     )
     parser.add_argument("--log-level", default="INFO", help="the proxy's LOG_LEVEL (INFO logs every request)")
@@ -225,12 +243,47 @@ def main() -> None:
     py = sys.executable
     results = []
     with contextlib.ExitStack() as stack:
-        stack.enter_context(process("standin", [py, "-m", "services.proxy.standin"], {"STANDIN_PORT": str(standin_port), "STANDIN_LOG_LEVEL": "warning"}, f"{standin}/healthz"))
-        stack.enter_context(process("credits", [py, "-m", "services.credits"], {**common, "PORT": str(credits_port), "DATABASE_URL": db}, f"{credits}/readyz"))
+        stack.enter_context(
+            process(
+                "standin",
+                [py, "-m", "services.proxy.standin"],
+                {"STANDIN_PORT": str(standin_port), "STANDIN_LOG_LEVEL": "warning"},
+                f"{standin}/healthz",
+            )
+        )
+        stack.enter_context(
+            process(
+                "credits",
+                [py, "-m", "services.credits"],
+                {**common, "PORT": str(credits_port), "DATABASE_URL": db},
+                f"{credits}/readyz",
+            )
+        )
         key = setup_user(credits)
-        stack.enter_context(process("proxy", [py, "-m", "services.proxy"], {**common, "PORT": str(proxy_port), "CREDITS_URL": credits, "OPENAI_BASE_URL": f"{standin}/v1", "OPENAI_API_KEY": "sk-bench", "WORKER_ENABLED": "0"}, f"{proxy}/healthz"))
-        headers = [(b"authorization", f"Bearer {key}".encode())] if key else [(b"authorization", f"Bearer {INTERNAL}".encode()), (b"x-user-id", USER.encode())]
-        print(f"proxy caller: {'API key' if key else 'internal token + X-User-Id'}; upstream: stand-in (0 ms)", flush=True)
+        stack.enter_context(
+            process(
+                "proxy",
+                [py, "-m", "services.proxy"],
+                {
+                    **common,
+                    "PORT": str(proxy_port),
+                    "CREDITS_URL": credits,
+                    "OPENAI_BASE_URL": f"{standin}/v1",
+                    "OPENAI_API_KEY": "sk-bench",
+                    "WORKER_ENABLED": "0",
+                },
+                f"{proxy}/healthz",
+            )
+        )
+        headers = (
+            [(b"authorization", f"Bearer {key}".encode())]
+            if key
+            else [(b"authorization", f"Bearer {INTERNAL}".encode()), (b"x-user-id", USER.encode())]
+        )
+        print(
+            f"proxy caller: {'API key' if key else 'internal token + X-User-Id'}; upstream: stand-in (0 ms)",
+            flush=True,
+        )
         results.append(uvloop.run(measure("proxy", f"{proxy}/v1", headers, f"{standin}/v1", args)))
         if args.litellm:
             exe = ensure_litellm()
@@ -240,16 +293,31 @@ def main() -> None:
                 "model_list:\n  - model_name: gpt-4o-mini\n    litellm_params:\n      model: openai/gpt-4o-mini\n"
                 f"      api_base: {standin}/v1\n      api_key: sk-bench\n"
             )
-            env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR", "PATH": f"{exe.parent}:{os.environ['PATH']}"}
-            with process("litellm", [str(exe), "--config", str(config), "--port", str(port), "--num_workers", "1"], env, f"http://127.0.0.1:{port}/health/liveliness"):
-                results.append(uvloop.run(measure("litellm", f"http://127.0.0.1:{port}/v1", [], f"{standin}/v1", args)))
+            env = {
+                "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+                "LITELLM_LOG": "ERROR",
+                "PATH": f"{exe.parent}:{os.environ['PATH']}",
+            }
+            with process(
+                "litellm",
+                [str(exe), "--config", str(config), "--port", str(port), "--num_workers", "1"],
+                env,
+                f"http://127.0.0.1:{port}/health/liveliness",
+            ):
+                results.append(
+                    uvloop.run(measure("litellm", f"http://127.0.0.1:{port}/v1", [], f"{standin}/v1", args))
+                )
     with contextlib.suppress(Exception):
         asyncio.run(_drop_db(db))
     print()
-    print(f"{'target':8} | {'direct p50':>10} | {'p50':>8} | {'added p50':>9} | {'p99':>8} | {'added p99':>9} | {'max req/s @ p99<=10ms':>22}")
+    print(
+        f"{'target':8} | {'direct p50':>10} | {'p50':>8} | {'added p50':>9} | {'p99':>8} | {'added p99':>9} | {'max req/s @ p99<=10ms':>22}"
+    )
     print("-" * 92)
     for r in results:
-        print(f"{r['name']:8} | {r['direct_p50']:8.3f}ms | {r['p50']:6.3f}ms | {r['added_p50']:7.3f}ms | {r['p99']:6.3f}ms | {r['added_p99']:7.3f}ms | {r['max_rate']:22.0f}")
+        print(
+            f"{r['name']:8} | {r['direct_p50']:8.3f}ms | {r['p50']:6.3f}ms | {r['added_p50']:7.3f}ms | {r['p99']:6.3f}ms | {r['added_p99']:7.3f}ms | {r['max_rate']:22.0f}"
+        )
     if len(results) == 2:
         ours, theirs = results
         ratio = float(ours["max_rate"]) / max(1.0, float(theirs["max_rate"]))  # type: ignore[arg-type]

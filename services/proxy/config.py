@@ -33,6 +33,9 @@ class ProxySettings(SharedSettings):
     packs_cache_seconds: float = 60.0
     # Timeout for calls to credits and billing.
     downstream_timeout_seconds: float = 5.0
+    # Concurrent connections to credits (and to billing); further calls wait for a free one, which
+    # keeps a burst at the gateway from becoming a burst of connections at credits.
+    downstream_max_connections: int = 100
 
     # The ai.requests worker (CONTRACT §7.1).
     worker_enabled: bool = True

@@ -37,10 +37,14 @@ class DownstreamError(AppError):
 class InternalClient:
     """JSON over the lean HTTP pool, with the internal token and the request id on every call."""
 
-    def __init__(self, name: str, base_url: str, internal_token: str, timeout: float) -> None:
+    def __init__(
+        self, name: str, base_url: str, internal_token: str, timeout: float, max_connections: int = 100
+    ) -> None:
         self.name = name
         self.pool = HttpPool(
-            base_url, default_headers=[(b"authorization", f"Bearer {internal_token}".encode())]
+            base_url,
+            max_connections=max_connections,
+            default_headers=[(b"authorization", f"Bearer {internal_token}".encode())],
         )
         self.timeout = timeout
 
@@ -109,8 +113,10 @@ def _seg(value: str) -> str:
 
 
 class CreditsClient(InternalClient):
-    def __init__(self, base_url: str, internal_token: str, timeout: float) -> None:
-        super().__init__("credits", base_url, internal_token, timeout)
+    def __init__(
+        self, base_url: str, internal_token: str, timeout: float, max_connections: int = 100
+    ) -> None:
+        super().__init__("credits", base_url, internal_token, timeout, max_connections)
         self._known_users: set[str] = set()
 
     # --- reservations (the hot path) ---

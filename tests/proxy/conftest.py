@@ -33,7 +33,9 @@ models:
 
 
 @contextlib.asynccontextmanager
-async def running_credits(database_url: str, redis_url: str, rabbitmq_url: str, namespace: str) -> AsyncIterator[str]:
+async def running_credits(
+    database_url: str, redis_url: str, rabbitmq_url: str, namespace: str
+) -> AsyncIterator[str]:
     settings = CreditsSettings(
         database_url=database_url,
         redis_url=redis_url,
@@ -53,14 +55,18 @@ def standin() -> Iterator[StandinServer]:
 
 @pytest.fixture(scope="session")
 async def credits_url(make_database_url, redis_url, rabbitmq_url, broker_namespace) -> AsyncIterator[str]:  # type: ignore[no-untyped-def]
-    async with running_credits(make_database_url("proxy_credits"), redis_url, rabbitmq_url, broker_namespace) as url:
+    async with running_credits(
+        make_database_url("proxy_credits"), redis_url, rabbitmq_url, broker_namespace
+    ) as url:
         yield url
 
 
 @pytest.fixture(scope="session")
 async def billing_url(make_database_url, rabbitmq_url, broker_namespace) -> AsyncIterator[str]:  # type: ignore[no-untyped-def]
     async with running_billing(
-        database_url=make_database_url("proxy_billing"), rabbitmq_url=rabbitmq_url, broker_namespace=broker_namespace
+        database_url=make_database_url("proxy_billing"),
+        rabbitmq_url=rabbitmq_url,
+        broker_namespace=broker_namespace,
     ) as billing:
         yield billing.url
 
@@ -105,7 +111,9 @@ class Credits:
         signup = r.json()["credits_remaining"]
         if unlocked:
             r = await self.http.post(
-                "/v1/admin/migrations/subscriptions", json={"users": [{"user_id": user_id, "tier": "pro"}]}, headers=ADMIN
+                "/v1/admin/migrations/subscriptions",
+                json={"users": [{"user_id": user_id, "tier": "pro"}]},
+                headers=ADMIN,
             )
             assert r.status_code == 200, r.text
         account = await self.account(user_id)
@@ -117,7 +125,9 @@ class Credits:
             assert r.status_code in (200, 201), r.text
         elif delta < 0:
             # Spend the surplus (signup bonus, migration) through a committed reservation.
-            r = await self.http.post("/v1/reservations", json={"user_id": user_id, "amount": -delta}, headers=INTERNAL)
+            r = await self.http.post(
+                "/v1/reservations", json={"user_id": user_id, "amount": -delta}, headers=INTERNAL
+            )
             assert r.status_code == 201, r.text
             rid = r.json()["reservation_id"]
             r = await self.http.post(f"/v1/reservations/{rid}/commit", json={}, headers=INTERNAL)
@@ -162,7 +172,9 @@ class Credits:
         try:
             return await eventually(check, timeout=15)  # type: ignore[return-value]
         except AssertionError:
-            raise AssertionError(f"not settled: {await self.account(user_id)} usage={await self.usage(user_id)}") from None
+            raise AssertionError(
+                f"not settled: {await self.account(user_id)} usage={await self.usage(user_id)}"
+            ) from None
 
 
 @pytest.fixture(scope="session")

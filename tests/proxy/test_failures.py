@@ -25,7 +25,9 @@ MESSAGES = [{"role": "user", "content": "tell me a story"}]
         ("standin-timeout", 504, "upstream_timeout"),
     ],
 )
-async def test_upstream_failures_are_not_charged(sdk, credits: Credits, model: str, status: int, code: str) -> None:  # type: ignore[no-untyped-def]
+async def test_upstream_failures_are_not_charged(
+    sdk, credits: Credits, model: str, status: int, code: str
+) -> None:  # type: ignore[no-untyped-def]
     user = await credits.user(7)
     with pytest.raises(openai.APIStatusError) as caught:
         await sdk(user).chat.completions.create(model=model, messages=MESSAGES)
@@ -58,7 +60,12 @@ async def test_unreachable_upstream_is_502_and_not_charged(credits: Credits, cre
     async with running_proxy(
         credits_url=credits_url, upstream_base_url=f"http://127.0.0.1:{free_port()}/v1", worker_enabled=False
     ) as dead:
-        client = AsyncOpenAI(base_url=dead.base_url, api_key="dev-internal-token", default_headers={"X-User-Id": user}, max_retries=0)
+        client = AsyncOpenAI(
+            base_url=dead.base_url,
+            api_key="dev-internal-token",
+            default_headers={"X-User-Id": user},
+            max_retries=0,
+        )
         with pytest.raises(openai.APIStatusError) as caught:
             await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
         assert caught.value.status_code == 502
@@ -110,11 +117,15 @@ async def test_midstream_drop_is_charged_only_for_what_was_served(proxy, credits
 
 async def test_drop_before_any_content_is_not_charged(proxy, credits: Credits) -> None:  # type: ignore[no-untyped-def]
     user = await credits.user(5)
-    lines = await _stream_lines(proxy, user, {"model": "standin-drop-after-1", "stream": True, "messages": MESSAGES})
+    lines = await _stream_lines(
+        proxy, user, {"model": "standin-drop-after-1", "stream": True, "messages": MESSAGES}
+    )
     assert "upstream_error" in lines[-1]
     await credits.settled(user, 5, usage_total=0)
     # Per-request pricing: once content went out, the request was served and pays its price.
-    lines = await _stream_lines(proxy, user, {"model": "standin-drop-after-3", "stream": True, "messages": MESSAGES})
+    lines = await _stream_lines(
+        proxy, user, {"model": "standin-drop-after-3", "stream": True, "messages": MESSAGES}
+    )
     await credits.settled(user, 4, usage_total=1)
 
 

@@ -3,7 +3,14 @@ credits charged (balance and ledger rows at credits), and credit headers on ever
 
 from __future__ import annotations
 
-from tests.openai_schema import CHAT_COMPLETION, CHAT_COMPLETION_CHUNK, EMBEDDINGS, IMAGES, MODEL_LIST, validate
+from tests.openai_schema import (
+    CHAT_COMPLETION,
+    CHAT_COMPLETION_CHUNK,
+    EMBEDDINGS,
+    IMAGES,
+    MODEL_LIST,
+    validate,
+)
 from tests.proxy.conftest import Credits
 
 
@@ -44,7 +51,11 @@ async def test_chat_stream_forwards_valid_chunks_and_done(sdk, credits: Credits,
         async with http.stream(
             "POST",
             f"{proxy.base_url}/chat/completions",
-            json={"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "one two three"}]},
+            json={
+                "model": "gpt-4o",
+                "stream": True,
+                "messages": [{"role": "user", "content": "one two three"}],
+            },
             headers={"Authorization": "Bearer dev-internal-token", "X-User-Id": user},
         ) as response:
             assert response.status_code == 200

@@ -68,7 +68,9 @@ def test_token_costs_round_up_to_whole_credits() -> None:
     assert price.tokens_cost(501, 0) == 2  # 1.002 → 2
     assert price.tokens_cost(1000, 1000) == 10
     assert price.tokens_cost(1000, 1001) == 11
-    fractional = Price(per_1k_input_tokens=Decimal("0.15"), per_1k_output_tokens=Decimal("0.6"), max_reserve=5)
+    fractional = Price(
+        per_1k_input_tokens=Decimal("0.15"), per_1k_output_tokens=Decimal("0.6"), max_reserve=5
+    )
     assert fractional.tokens_cost(1000, 0) == 1
     assert fractional.tokens_cost(10000, 0) == 2  # exactly 1.5 → 2, with no float error
 

@@ -1,0 +1,102 @@
+"""No overspend under concurrency, and token pricing that lowers the output cap instead of overspending."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import openai
+import pytest
+
+from services.proxy.pricing import estimate_input_tokens
+from tests.proxy.conftest import Credits
+
+
+async def test_200_concurrent_requests_against_25_credits(sdk, credits: Credits) -> None:  # type: ignore[no-untyped-def]
+    user = await credits.user(25)
+    client = sdk(user, timeout=120)
+
+    async def one() -> int:
+        try:
+            await client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+            return 200
+        except openai.APIStatusError as exc:
+            assert exc.body["code"] == "insufficient_credits"  # type: ignore[index]
+            assert exc.body["message"] == "No credits remaining. Please purchase more credits."  # type: ignore[index]
+            return exc.status_code
+
+    statuses = await asyncio.gather(*(one() for _ in range(200)))
+    assert statuses.count(200) == 25
+    assert statuses.count(402) == 175
+    account = await credits.settled(user, 0, usage_total=25)
+    assert account["credits_lifetime_used"] >= 25
+    rows = await credits.ledger(user)
+    assert rows[0]["balance_after"] == 0
+    assert sum(await credits.usage(user)) == 25 and len(await credits.usage(user)) == 25
+
+
+async def test_token_pricing_rounds_up(sdk, credits: Credits, standin) -> None:  # type: ignore[no-untyped-def]
+    user = await credits.user(50)
+    raw = await sdk(user).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hello there"}], max_tokens=50
+    )
+    usage = raw.parse().usage
+    assert usage is not None
+    exact = (usage.prompt_tokens * 2 + usage.completion_tokens * 8) / 1000
+    assert 0 < exact < 1
+    assert raw.headers["x-credits-charged"] == "1" == str(math.ceil(exact))
+    await credits.settled(user, 49, usage_total=1)
+
+
+async def test_max_tokens_lowered_to_what_the_balance_covers(sdk, credits: Credits, standin) -> None:  # type: ignore[no-untyped-def]
+    user = await credits.user(2)
+    # The stand-in echoes the prompt's words, so the reply would be ~300 tokens uncapped.
+    messages = [{"role": "user", "content": "word " * 300}]
+    raw = await sdk(user).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=messages, max_tokens=5000
+    )
+    sent = [
+        r
+        for r in standin.app.stats.recent
+        if r["model"] == "gpt-4o-mini" and r["body"]["messages"] == messages
+    ][-1]["body"]
+    input_tokens = estimate_input_tokens("chat.completions", {"messages": messages})
+    allowed = (2 * 1000 - 2 * input_tokens) // 8
+    assert sent["max_tokens"] == allowed < 5000
+    completion = raw.parse()
+    assert completion.choices[0].finish_reason == "length"
+    assert int(raw.headers["x-credits-charged"]) <= 2
+    charged = int(raw.headers["x-credits-charged"])
+    await credits.settled(user, 2 - charged, usage_total=charged)
+
+
+async def test_402_when_not_even_the_input_is_covered(sdk, credits: Credits) -> None:  # type: ignore[no-untyped-def]
+    user = await credits.user(1)
+    long_prompt = "word " * 1000  # ~1,700 estimated tokens x 2/1k > 1 credit
+    with pytest.raises(openai.APIStatusError) as caught:
+        await sdk(user).chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": long_prompt}]
+        )
+    assert caught.value.status_code == 402
+    assert caught.value.response.headers["x-credits-charged"] == "0"
+    assert caught.value.response.headers["x-credits-remaining"] == "1"
+    await credits.settled(user, 1, usage_total=0)
+
+
+async def test_stream_usage_only_when_asked(sdk, credits: Credits) -> None:  # type: ignore[no-untyped-def]
+    user = await credits.user(20)
+    client = sdk(user)
+    stream = await client.chat.completions.create(
+        model="gpt-4o-mini", stream=True, messages=[{"role": "user", "content": "a b c"}]
+    )
+    chunks = [c async for c in stream]
+    assert all(c.choices for c in chunks), "the usage chunk the proxy asked for must not reach this client"
+    stream = await client.chat.completions.create(
+        model="gpt-4o-mini",
+        stream=True,
+        stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": "a b c"}],
+    )
+    chunks = [c async for c in stream]
+    assert chunks[-1].usage is not None and not chunks[-1].choices
+    await credits.settled(user, 18, usage_total=2)
