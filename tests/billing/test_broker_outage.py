@@ -32,7 +32,10 @@ async def billing_without_broker(
 
 
 async def test_webhook_during_a_broker_outage_is_delivered_when_the_broker_returns(
-    billing_without_broker: RunningBilling, fake_stripe: FakeStripeServer, captured: Captured, rabbitmq_url: str
+    billing_without_broker: RunningBilling,
+    fake_stripe: FakeStripeServer,
+    captured: Captured,
+    rabbitmq_url: str,
 ) -> None:
     billing = billing_without_broker
     stripe = fake_stripe.stripe
@@ -49,10 +52,13 @@ async def test_webhook_during_a_broker_outage_is_delivered_when_the_broker_retur
     assert response.status_code == 200 and response.json()["outcome"] == "credited"
 
     url = billing.settings.database_url
-    assert [r["status"] for r in await sql(url, "SELECT status FROM purchases WHERE purchase_id = $1", purchase_id)] == [
-        "paid"
-    ]
-    pending = await sql(url, "SELECT sent_at, attempts FROM outbox WHERE body->>'purchase_id' = $1", purchase_id)
+    assert [
+        r["status"]
+        for r in await sql(url, "SELECT status FROM purchases WHERE purchase_id = $1", purchase_id)
+    ] == ["paid"]
+    pending = await sql(
+        url, "SELECT sent_at, attempts FROM outbox WHERE body->>'purchase_id' = $1", purchase_id
+    )
     assert len(pending) == 1 and pending[0]["sent_at"] is None
 
     # The relay keeps retrying meanwhile (the webhook woke it); the row stays pending.

@@ -18,7 +18,10 @@ from tests.support.stripe_server import sign_payload
 
 @pytest.fixture(scope="module")
 async def fresh_billing(
-    fake_stripe: FakeStripeServer, make_database_url: Callable[[str], str], rabbitmq_url: str, broker_namespace: str
+    fake_stripe: FakeStripeServer,
+    make_database_url: Callable[[str], str],
+    rabbitmq_url: str,
+    broker_namespace: str,
 ) -> AsyncIterator[RunningBilling]:
     async with running_billing(
         database_url=make_database_url("billing_signatures"),
@@ -62,7 +65,10 @@ def _cases(event: dict[str, Any]) -> dict[str, tuple[bytes, dict[str, str]]]:
         "no v1 scheme": (body, {"Stripe-Signature": good.replace("v1=", "v0=")}),
         "stale (301 s old)": (body, {"Stripe-Signature": sign_payload(body, WEBHOOK_SECRET, now - 301)}),
         "tampered body": (tampered, {"Stripe-Signature": good}),
-        "signed non-event": (b'{"hello": "world"}', {"Stripe-Signature": sign_payload(b'{"hello": "world"}', WEBHOOK_SECRET)}),
+        "signed non-event": (
+            b'{"hello": "world"}',
+            {"Stripe-Signature": sign_payload(b'{"hello": "world"}', WEBHOOK_SECRET)},
+        ),
     }
 
 
@@ -92,7 +98,9 @@ async def test_bad_signatures_are_refused_and_nothing_is_recorded(
     body = json.dumps(event).encode()
     async with fresh_billing.client() as client:
         accepted = await client.post(
-            "/v1/webhooks/stripe", content=body, headers={"Stripe-Signature": sign_payload(body, WEBHOOK_SECRET)}
+            "/v1/webhooks/stripe",
+            content=body,
+            headers={"Stripe-Signature": sign_payload(body, WEBHOOK_SECRET)},
         )
     assert accepted.status_code == 200 and accepted.json()["outcome"] == "credited"
     assert await _counts(fresh_billing) == {"stripe_events": 1, "purchases": 1, "outbox": 1}
@@ -107,5 +115,7 @@ async def test_a_signature_within_the_tolerance_is_accepted(
     # Stripe may send several v1 signatures (during secret rotation); one matching is enough.
     header += ",v1=" + "0" * 64
     async with fresh_billing.client() as client:
-        response = await client.post("/v1/webhooks/stripe", content=body, headers={"Stripe-Signature": header})
+        response = await client.post(
+            "/v1/webhooks/stripe", content=body, headers={"Stripe-Signature": header}
+        )
     assert response.status_code == 200

@@ -18,7 +18,9 @@ def _user() -> str:
 
 
 async def _purchase(billing: RunningBilling, purchase_id: str) -> dict[str, Any]:
-    rows = await sql(billing.settings.database_url, "SELECT * FROM purchases WHERE purchase_id = $1", purchase_id)
+    rows = await sql(
+        billing.settings.database_url, "SELECT * FROM purchases WHERE purchase_id = $1", purchase_id
+    )
     assert len(rows) == 1
     return dict(rows[0])
 
@@ -58,7 +60,9 @@ async def test_paid_checkout_delivered_many_times_is_published_once(
         # "async_payment_succeeded" for the same session (Stripe may send both kinds).
         others = [stripe.event("checkout.session.completed", session) for _ in range(5)]
         others += [stripe.event("checkout.session.async_payment_succeeded", session) for _ in range(5)]
-        responses = await asyncio.gather(*(deliver(billing, e, client=client) for e in [completed] * 5 + others))
+        responses = await asyncio.gather(
+            *(deliver(billing, e, client=client) for e in [completed] * 5 + others)
+        )
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
 
     purchase = await _purchase(billing, purchase_id)
@@ -67,7 +71,9 @@ async def test_paid_checkout_delivered_many_times_is_published_once(
     outbox = await _outbox(billing, purchase_id)
     assert [row["routing_key"] for row in outbox] == ["billing.pack.purchased"]
     inbox = await sql(
-        billing.settings.database_url, "SELECT event_id, outcome FROM stripe_events WHERE purchase_id = $1", purchase_id
+        billing.settings.database_url,
+        "SELECT event_id, outcome FROM stripe_events WHERE purchase_id = $1",
+        purchase_id,
     )
     assert len(inbox) == 11  # one row per distinct Stripe event id
     assert sorted(r["outcome"] for r in inbox).count("credited") == 1
@@ -106,18 +112,24 @@ async def test_unpaid_completion_waits_for_the_async_payment(
     assert await _outbox(billing, purchase_id) == []
 
     settled = stripe.settle_async_payment(created["session_id"])
-    assert (await deliver(billing, stripe.event("checkout.session.async_payment_succeeded", settled))).status_code == 200
+    assert (
+        await deliver(billing, stripe.event("checkout.session.async_payment_succeeded", settled))
+    ).status_code == 200
     assert (await _purchase(billing, purchase_id))["status"] == "paid"
     messages = await _settle(captured, purchase_id)
     assert [m["credits"] for m in messages] == [500]
 
 
-async def test_failed_async_payment_and_expiry(billing: RunningBilling, fake_stripe: FakeStripeServer) -> None:
+async def test_failed_async_payment_and_expiry(
+    billing: RunningBilling, fake_stripe: FakeStripeServer
+) -> None:
     stripe = fake_stripe.stripe
     failing = await start_checkout(billing, _user(), "starter")
     session = stripe.mark_paid(failing["session_id"], payment_status="unpaid")
     await deliver(billing, stripe.event("checkout.session.completed", session))
-    assert (await deliver(billing, stripe.event("checkout.session.async_payment_failed", session))).status_code == 200
+    assert (
+        await deliver(billing, stripe.event("checkout.session.async_payment_failed", session))
+    ).status_code == 200
     assert (await _purchase(billing, failing["purchase_id"]))["status"] == "failed"
 
     abandoned = await start_checkout(billing, _user(), "starter")
@@ -128,11 +140,15 @@ async def test_failed_async_payment_and_expiry(billing: RunningBilling, fake_str
     assert await _outbox(billing, abandoned["purchase_id"]) == []
 
 
-async def test_other_event_types_are_acknowledged_and_ignored(billing: RunningBilling, fake_stripe: FakeStripeServer) -> None:
+async def test_other_event_types_are_acknowledged_and_ignored(
+    billing: RunningBilling, fake_stripe: FakeStripeServer
+) -> None:
     event = fake_stripe.stripe.event("customer.created", {"id": "cus_test_1", "object": "customer"})
     response = await deliver(billing, event)
     assert response.status_code == 200 and response.json()["outcome"] == "ignored"
-    rows = await sql(billing.settings.database_url, "SELECT outcome FROM stripe_events WHERE event_id = $1", event["id"])
+    rows = await sql(
+        billing.settings.database_url, "SELECT outcome FROM stripe_events WHERE event_id = $1", event["id"]
+    )
     assert [r["outcome"] for r in rows] == ["ignored"]
 
 
@@ -166,17 +182,33 @@ async def test_session_without_a_purchase_row_is_rebuilt_from_metadata_when_it_m
         "payment_intent": f"pi_test_{uuid.uuid4().hex[:12]}",
     }
     good_id, bad_id = f"pur_{uuid.uuid4().hex}", f"pur_{uuid.uuid4().hex}"
-    good = {**base, "id": f"cs_test_{uuid.uuid4().hex}", "amount_total": 1500,
-            "metadata": {"user_id": user, "pack": "standard", "purchase_id": good_id}}
-    cheap = {**base, "id": f"cs_test_{uuid.uuid4().hex}", "amount_total": 1,
-             "metadata": {"user_id": user, "pack": "business", "purchase_id": bad_id}}
-    unknown_pack = {**base, "id": f"cs_test_{uuid.uuid4().hex}", "amount_total": 1500,
-                    "metadata": {"user_id": user, "pack": "gold", "purchase_id": f"pur_{uuid.uuid4().hex}"}}
-    assert (await deliver(billing, stripe.event("checkout.session.completed", good))).json()["outcome"] == "credited"
-    assert (await deliver(billing, stripe.event("checkout.session.completed", cheap))).json()["outcome"] == "held_for_review"
-    assert (await deliver(billing, stripe.event("checkout.session.completed", unknown_pack))).json()["outcome"] == (
-        "ignored_unknown_session"
-    )
+    good = {
+        **base,
+        "id": f"cs_test_{uuid.uuid4().hex}",
+        "amount_total": 1500,
+        "metadata": {"user_id": user, "pack": "standard", "purchase_id": good_id},
+    }
+    cheap = {
+        **base,
+        "id": f"cs_test_{uuid.uuid4().hex}",
+        "amount_total": 1,
+        "metadata": {"user_id": user, "pack": "business", "purchase_id": bad_id},
+    }
+    unknown_pack = {
+        **base,
+        "id": f"cs_test_{uuid.uuid4().hex}",
+        "amount_total": 1500,
+        "metadata": {"user_id": user, "pack": "gold", "purchase_id": f"pur_{uuid.uuid4().hex}"},
+    }
+    assert (await deliver(billing, stripe.event("checkout.session.completed", good))).json()[
+        "outcome"
+    ] == "credited"
+    assert (await deliver(billing, stripe.event("checkout.session.completed", cheap))).json()[
+        "outcome"
+    ] == "held_for_review"
+    assert (await deliver(billing, stripe.event("checkout.session.completed", unknown_pack))).json()[
+        "outcome"
+    ] == ("ignored_unknown_session")
     assert (await _purchase(billing, good_id))["status"] == "paid"
     assert (await _purchase(billing, bad_id))["status"] == "pending"
     messages = await _settle(captured, good_id)
@@ -249,14 +281,26 @@ async def test_refund_found_through_the_payment_intents_metadata(
     response = await deliver(billing, stripe.event("charge.refunded", charge))
     assert response.json()["outcome"] == "partially_refunded"
     purchase = await _purchase(billing, purchase_id)
-    assert purchase["credits_refunded"] == 250 and purchase["stripe_payment_intent_id"] == charge["payment_intent"]
+    assert (
+        purchase["credits_refunded"] == 250
+        and purchase["stripe_payment_intent_id"] == charge["payment_intent"]
+    )
     assert any(r.path == f"/v1/payment_intents/{charge['payment_intent']}" for r in stripe.requests)
     messages = await _settle(captured, purchase_id, 2)
     assert [m["credits"] for m in messages] == [500, 250]
 
 
-async def test_refund_for_an_unknown_charge_is_acknowledged(billing: RunningBilling, fake_stripe: FakeStripeServer) -> None:
-    charge = {"id": "ch_test_unknown", "object": "charge", "amount": 500, "amount_refunded": 500, "metadata": {},
-              "payment_intent": None, "currency": "usd"}
+async def test_refund_for_an_unknown_charge_is_acknowledged(
+    billing: RunningBilling, fake_stripe: FakeStripeServer
+) -> None:
+    charge = {
+        "id": "ch_test_unknown",
+        "object": "charge",
+        "amount": 500,
+        "amount_refunded": 500,
+        "metadata": {},
+        "payment_intent": None,
+        "currency": "usd",
+    }
     response = await deliver(billing, fake_stripe.stripe.event("charge.refunded", charge))
     assert response.status_code == 200 and response.json()["outcome"] == "ignored_unknown_charge"
