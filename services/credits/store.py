@@ -116,27 +116,26 @@ async def change_balance(
 ) -> tuple[int, int, bool]:
     """Adds a signed ledger entry and moves the cached balance in the same transaction.
 
-    Returns (balance_after, version, low_balance_crossed): crossed is true once per downward crossing
-    of the threshold (the flag resets when the balance rises above it again).
+    Returns (balance_after, version, low_balance_crossed): crossed is true when this change takes the
+    balance from above the threshold to at or below it, i.e. once per downward crossing.
     """
+    # One statement, one row lock. The crossing is judged from the balance before and after this
+    # change (serialised by the row lock); `low_balance_notified` records that the balance is low.
     row = (
         await conn.execute(
             text(
                 """
-                WITH old AS (
-                    SELECT user_id, low_balance_notified AS was FROM accounts WHERE user_id = :u FOR NO KEY UPDATE
-                )
-                UPDATE accounts a SET
-                    balance = a.balance + :a,
-                    credits_purchased_total = a.credits_purchased_total + :p,
-                    credits_lifetime_used = a.credits_lifetime_used + :used,
-                    version = a.version + 1,
+                UPDATE accounts SET
+                    balance = balance + :a,
+                    credits_purchased_total = credits_purchased_total + :p,
+                    credits_lifetime_used = credits_lifetime_used + :used,
+                    version = version + 1,
                     low_balance_notified = CASE
-                        WHEN a.balance + :a > :t THEN false
-                        WHEN :a < 0 AND a.balance + :a <= :t THEN true
-                        ELSE a.low_balance_notified END
-                FROM old WHERE a.user_id = old.user_id
-                RETURNING a.balance, a.version, a.low_balance_notified, old.was AS was_notified
+                        WHEN balance + :a > :t THEN false
+                        WHEN :a < 0 AND balance + :a <= :t THEN true
+                        ELSE low_balance_notified END
+                WHERE user_id = :u
+                RETURNING balance, version
                 """
             ),
             {"a": amount, "p": purchased, "used": used, "t": threshold, "u": user_id},
@@ -150,7 +149,8 @@ async def change_balance(
             ),
             {"u": user_id, "t": entry_type, "a": amount, "b": row.balance, "r": reference, "d": detail},
         )
-    crossed = bool(row.low_balance_notified) and not bool(row.was_notified)
+    before = int(row.balance) - amount
+    crossed = amount < 0 and before > threshold >= int(row.balance)
     return int(row.balance), int(row.version), crossed
 
 
