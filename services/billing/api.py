@@ -20,8 +20,6 @@ from shared.responses import JsonResponse
 router = APIRouter()
 Internal = Depends(internal_only())
 
-_TEXT_ID = r"^[^\x00-\x1f\x7f]+$"
-
 
 def runtime(request: Request) -> BillingRuntime:
     rt: BillingRuntime = request.app.state.runtime
@@ -34,10 +32,18 @@ Runtime = Annotated[BillingRuntime, Depends(runtime)]
 class CheckoutBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    user_id: str = Field(min_length=1, max_length=200, pattern=_TEXT_ID)
+    user_id: str = Field(min_length=1, max_length=200)
     pack: str = Field(min_length=1, max_length=100)
     success_url: str | None = Field(default=None, max_length=2000)
     cancel_url: str | None = Field(default=None, max_length=2000)
+
+    @field_validator("user_id")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        # The same rule the credits service applies to the user id it receives in our message.
+        if not value.isprintable():
+            raise ValueError("must not contain control or other non-printable characters")
+        return value
 
     @field_validator("success_url", "cancel_url")
     @classmethod
