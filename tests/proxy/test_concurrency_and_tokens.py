@@ -91,6 +91,8 @@ async def test_stream_usage_only_when_asked(sdk, credits: Credits) -> None:  # t
     )
     chunks = [c async for c in stream]
     assert all(c.choices for c in chunks), "the usage chunk the proxy asked for must not reach this client"
+    # The stream's hold (all 20 credits: less than max_reserve) settles after the stream ends.
+    await credits.settled(user, 19, usage_total=1)
     stream = await client.chat.completions.create(
         model="gpt-4o-mini",
         stream=True,
