@@ -59,7 +59,7 @@ class Runtime:
             await ensure_database(settings.database_url)
         engine = create_engine(settings.database_url, pool_size=settings.db_pool_size)
         redis = aioredis.from_url(settings.redis_url, max_connections=200)
-        holds = Holds(redis, settings.deadline_shards)
+        holds = Holds(redis, settings.deadline_shards, settings.redis_namespace)
         relay: OutboxRelay | None = None
         connection = None
         if broker:

@@ -13,6 +13,8 @@ class CreditsSettings(DatabaseSettings):
     secret_fields: ClassVar[tuple[str, ...]] = ("internal_token", "admin_token")
 
     redis_url: str = "redis://localhost:6379/0"
+    # First part of every Redis key ("credits:{<user_id>}:acct"); lets two deployments share one Redis.
+    redis_namespace: str = "credits"
     signup_credits: int = 10
     reservation_ttl_seconds: int = 600
     # Longest TTL a caller may ask for (seconds).

@@ -43,8 +43,11 @@ def _s(value: Any) -> str:
 
 
 class Holds:
-    def __init__(self, client: aioredis.Redis[Any], deadline_shards: int = 16) -> None:
+    def __init__(
+        self, client: aioredis.Redis[Any], deadline_shards: int = 16, namespace: str = "credits"
+    ) -> None:
         self.client = client
+        self.namespace = namespace
         self.deadline_shards = deadline_shards
         # Registered once; redis-py sends EVALSHA and loads the script again only after a NOSCRIPT.
         self._reserve = client.register_script(_script("reserve.lua"))
@@ -52,12 +55,11 @@ class Holds:
         self._load = client.register_script(_script("load.lua"))
         self._confirm = client.register_script(_script("confirm.lua"))
 
-    @staticmethod
-    def account_key(user_id: str) -> str:
-        return f"credits:{{{user_id}}}:acct"
+    def account_key(self, user_id: str) -> str:
+        return f"{self.namespace}:{{{user_id}}}:acct"
 
     def deadline_key(self, shard: int) -> str:
-        return f"credits:deadlines:{{{shard}}}"
+        return f"{self.namespace}:deadlines:{{{shard}}}"
 
     def shard_of(self, user_id: str) -> int:
         return zlib.crc32(user_id.encode()) % self.deadline_shards

@@ -21,6 +21,7 @@ async def test_flushdb_while_running_loses_and_doubles_nothing(
     )
     assert grant.status_code == 201
     open_hold = (await client.post("/v1/reservations", json={"user_id": user_id, "amount": 30})).json()
+    assert open_hold["credits_remaining"] == 70
     to_commit = (await client.post("/v1/reservations", json={"user_id": user_id, "amount": 20})).json()
     committed = await client.post(
         f"/v1/reservations/{to_commit['reservation_id']}/commit", json={"amount": 15}
@@ -40,6 +41,9 @@ async def test_flushdb_while_running_loses_and_doubles_nothing(
     # Repeating the commit after the wipe charges nothing more.
     again = await client.post(f"/v1/reservations/{to_commit['reservation_id']}/commit")
     assert again.json()["charged"] == 15 and again.json()["credits_remaining"] == 55
+    await redis_client.flushdb()
+    released = await client.post(f"/v1/reservations/{open_hold['reservation_id']}/release")
+    assert released.json()["refunded"] == 30 and released.json()["credits_remaining"] == 85
     await check.consistent(user_id, client)
 
 

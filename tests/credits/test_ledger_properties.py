@@ -1,0 +1,249 @@
+"""Property test: random interleavings of grant / reserve / commit (full and partial) / release / expire /
+Redis wipe / service restart, some of them concurrent, keep every ledger invariant.
+
+Runs the domain against the real PostgreSQL and Redis with a fake clock (expiry is driven by advancing
+it and calling the sweeper), in its own database and Redis key namespace so the package's running
+service cannot sweep these holds with the real clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy.engine import make_url
+
+from services.credits.app import Runtime
+from shared.errors import Conflict, InsufficientCredits
+from tests.support.credits_service import credits_settings
+
+NAMESPACE = f"credits-prop-{uuid.uuid4().hex[:6]}"
+
+grant = st.tuples(st.just("grant"), st.integers(1, 20))
+reserve = st.tuples(st.just("reserve"), st.integers(1, 15), st.integers(1, 4))  # amount, ttl seconds
+commit = st.tuples(st.just("commit"), st.integers(0, 50), st.one_of(st.none(), st.floats(0, 1)))
+release = st.tuples(st.just("release"), st.integers(0, 50))
+expire = st.tuples(st.just("expire"), st.integers(1, 5))
+wipe = st.tuples(st.just("wipe"))
+restart = st.tuples(st.just("restart"))
+simple = st.one_of(grant, reserve, reserve, commit, commit, release, expire, wipe)
+burst = st.tuples(
+    st.just("burst"),
+    st.lists(st.one_of(grant, reserve, reserve, commit, release, wipe), min_size=2, max_size=8),
+)
+program = st.lists(st.one_of(simple, simple, simple, restart, burst), min_size=1, max_size=20)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@dataclass
+class Hold:
+    amount: int
+    expires_at: datetime
+    state: str = "held"
+    charged: int = 0
+
+
+@dataclass
+class Model:
+    balance: int = 10
+    holds: dict[str, Hold] = field(default_factory=dict)
+    order: list[str] = field(default_factory=list)
+
+    @property
+    def held(self) -> int:
+        return sum(h.amount for h in self.holds.values() if h.state == "held")
+
+    def pick(self, index: int) -> str | None:
+        return self.order[index % len(self.order)] if self.order else None
+
+
+class Harness:
+    def __init__(self, database_url: str, redis_url: str) -> None:
+        self.settings = credits_settings(
+            database_url=database_url,
+            redis_url=redis_url,
+            broker_namespace="unused",
+            redis_namespace=NAMESPACE,
+            run_background_tasks=False,
+            run_consumer=False,
+            orphan_grace_seconds=0,
+        )
+        self.clock = FakeClock()
+        self.runtime: Runtime | None = None
+        self.redis = aioredis.from_url(redis_url)
+
+    async def start(self) -> None:
+        self.runtime = await Runtime.open(self.settings, broker=False, clock=self.clock)
+
+    async def stop(self) -> None:
+        if self.runtime is not None:
+            await self.runtime.close()
+            self.runtime = None
+
+    async def wipe(self) -> None:
+        keys = [k async for k in self.redis.scan_iter(match=f"{NAMESPACE}:*", count=1000)]
+        if keys:
+            await self.redis.delete(*keys)
+
+
+async def run_program(h: Harness, pg: asyncpg.Connection, ops: list[Any]) -> None:
+    user = f"p-{uuid.uuid4().hex[:10]}"
+    model = Model()
+    assert h.runtime is not None
+    await h.runtime.ledger.create_user(user)
+
+    async def step(op: tuple[Any, ...]) -> None:
+        assert h.runtime is not None
+        ledger = h.runtime.ledger
+        kind = op[0]
+        if kind == "grant":
+            await ledger.grant(user, op[1], "prop", uuid.uuid4().hex)
+            model.balance += op[1]
+        elif kind == "reserve":
+            try:
+                result = await ledger.reserve(user, op[1], None, op[2])
+            except InsufficientCredits:
+                return
+            assert result is not None
+            rid = result.reservation.id
+            model.holds[rid] = Hold(op[1], result.reservation.expires_at)
+            model.order.append(rid)
+            assert result.available >= 0
+        elif kind == "commit":
+            rid = model.pick(op[1])
+            if rid is None:
+                return
+            hold = model.holds[rid]
+            amount = None if op[2] is None else int(op[2] * hold.amount)
+            try:
+                result = await ledger.commit(rid, amount)
+            except Conflict:
+                assert hold.state in ("released", "expired") or h.clock.now >= hold.expires_at, hold
+                if hold.state == "held":
+                    hold.state = "expired"
+                return
+            assert hold.state in ("held", "committed"), hold
+            if hold.state == "held":
+                hold.state, hold.charged = "committed", result.charged
+                model.balance -= result.charged
+            assert result.charged == hold.charged and result.refunded == hold.amount - hold.charged
+            assert result.available >= 0
+        elif kind == "release":
+            rid = model.pick(op[1])
+            if rid is None:
+                return
+            hold = model.holds[rid]
+            try:
+                result = await ledger.release(rid)
+            except Conflict:
+                assert hold.state == "committed", hold
+                return
+            assert hold.state != "committed", hold
+            if hold.state == "held":
+                hold.state = "released"
+            assert result.available >= 0
+        elif kind == "expire":
+            h.clock.now += timedelta(seconds=op[1])
+            await ledger.expire_due()
+            await ledger.sweep_redis()
+            for hold in model.holds.values():
+                if hold.state == "held" and hold.expires_at <= h.clock.now:
+                    hold.state = "expired"
+        elif kind == "wipe":
+            await h.wipe()
+        elif kind == "restart":
+            await h.stop()
+            await h.start()
+        elif kind == "burst":
+            await asyncio.gather(*(step(inner) for inner in op[1]))
+
+    for op in ops:
+        await step(op)
+        await check(h, pg, user, model)
+    # The end: every hold ends exactly once.
+    h.clock.now += timedelta(seconds=10)
+    assert h.runtime is not None
+    await h.runtime.ledger.expire_due()
+    for hold in model.holds.values():
+        if hold.state == "held":
+            hold.state = "expired"
+    await check(h, pg, user, model)
+
+
+async def check(h: Harness, pg: asyncpg.Connection, user: str, model: Model) -> None:
+    assert h.runtime is not None
+    account = await pg.fetchrow("SELECT balance FROM accounts WHERE user_id = $1", user)
+    entries = await pg.fetch(
+        "SELECT amount, balance_after, reference FROM ledger_entries WHERE user_id = $1 ORDER BY id", user
+    )
+    rows = {
+        str(r["id"]): r
+        for r in await pg.fetch(
+            "SELECT id, status, charged, amount FROM reservations WHERE user_id = $1", user
+        )
+    }
+    running = 0
+    for e in entries:
+        running += e["amount"]
+        assert e["balance_after"] == running
+    assert account["balance"] == running == model.balance
+    # Each acknowledged hold is in PostgreSQL in the state the model expects; no other hold is open.
+    for rid, hold in model.holds.items():
+        assert rows[rid]["status"] == hold.state, (rid, hold, rows[rid])
+        if hold.state == "committed":
+            assert rows[rid]["charged"] == hold.charged
+    assert not [r for rid, r in rows.items() if rid not in model.holds and r["status"] == "held"]
+    usage = [e for e in entries if e["reference"].startswith("reservation:")]
+    assert (
+        len(usage)
+        == len({e["reference"] for e in usage})
+        == len([x for x in model.holds.values() if x.state == "committed" and x.charged > 0])
+    )
+    available, held = await h.runtime.ledger.live(user)
+    assert available >= 0
+    assert held == model.held and available == model.balance - model.held, (available, held, model)
+
+
+@pytest.fixture(scope="module")
+def prop_database_url(make_database_url: Any) -> str:
+    return str(make_database_url("credits_prop"))
+
+
+def test_random_interleavings_keep_the_invariants(prop_database_url: str, redis_url: str) -> None:
+    dsn = make_url(prop_database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=False)
+    @given(ops=program)
+    def run(ops: list[Any]) -> None:
+        async def main() -> None:
+            h = Harness(prop_database_url, redis_url)
+            await h.start()
+            pg = await asyncpg.connect(dsn)
+            try:
+                await run_program(h, pg, ops)
+            finally:
+                await pg.close()
+                await h.stop()
+                await h.redis.aclose()
+
+        # The test's own event loop is the session loop; the program gets a fresh one in a thread.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, main()).result()
+
+    run()
