@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -67,10 +68,11 @@ async def reconcile(
                 purchase = await store.purchase_by_session(session_id) or await store.purchase(purchase_id)
             if purchase is not None and purchase.status in CREDITED:
                 continue
-            # A synthetic event with a stable id: running reconcile twice records it once.
+            # A synthetic event, one per run: each run re-evaluates a session held for review, and the
+            # purchase row lock (not the inbox) is what keeps a purchase from being credited twice.
             outcome = await receiver.apply(
                 {
-                    "id": f"reconcile_{session_id}",
+                    "id": f"reconcile_{session_id}_{uuid.uuid4().hex[:12]}",
                     "object": "event",
                     "type": "checkout.session.completed",
                     "created": int(time.time()),
@@ -79,13 +81,18 @@ async def reconcile(
             )
             repair = Repair(session_id, outcome.purchase_id or purchase_id, outcome.result)
             repairs.append(repair)
+            metadata = metadata_of(session.get("metadata"))
+            verb = "repaired" if outcome.result == "credited" else "could not repair"
             echo(
-                f"repaired session {session_id}: purchase {repair.purchase_id} "
-                f"(user {metadata_of(session.get('metadata')).get('user_id')}, "
-                f"pack {metadata_of(session.get('metadata')).get('pack')}) -> {outcome.result}"
+                f"{verb} session {session_id}: purchase {repair.purchase_id} "
+                f"(user {metadata.get('user_id')}, pack {metadata.get('pack')}) -> {outcome.result}"
             )
-        echo(f"checked {checked} paid checkout sessions since {since.isoformat()}; repaired {len(repairs)}")
-        if repairs:
+        credited = sum(1 for r in repairs if r.outcome == "credited")
+        echo(
+            f"checked {checked} paid checkout sessions since {since.isoformat()}; "
+            f"repaired {credited}, left {len(repairs) - credited} for review"
+        )
+        if credited:
             await _publish_now(settings, engine, echo, publish_timeout)
     finally:
         await engine.dispose()
