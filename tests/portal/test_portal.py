@@ -1,0 +1,296 @@
+"""The customer portal end to end in headless Chromium: sign-in, balance, buying a pack through the
+local test checkout, API keys, the locked-API and empty-balance states, history, and the error banner."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Callable
+from typing import Any
+
+import openai
+import pytest
+from playwright.async_api import Page, expect
+
+from shared.devtoken import make_token
+from tests.conftest import eventually
+from tests.portal.conftest import PHONE
+from tests.portal.stack import Stack
+from tests.support.proxy_service import running_proxy
+from tests.support.servers import free_port
+
+UNAVAILABLE = "The service is unavailable right now. Please try again in a moment."
+EMPTY = "No credits remaining. Please purchase more credits."
+
+
+async def phone_shot(page: Page, shoot: Callable[..., Any], name: str) -> None:
+    """Screenshots the same view at phone width too (then back to desktop)."""
+    desktop = page.viewport_size
+    await page.set_viewport_size(PHONE)
+    await page.wait_for_timeout(150)  # let the layout settle after the resize
+    await shoot(page, name)
+    assert desktop is not None
+    await page.set_viewport_size(desktop)
+
+
+async def assert_fits_width(page: Page) -> None:
+    """Nothing scrolls sideways: the page is no wider than the viewport."""
+    overflow = await page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, f"page is {overflow}px wider than the viewport"
+
+
+async def buy_through_test_checkout(page: Page, stack: Stack, pack: str, shoot: Callable[..., Any]) -> None:
+    """Clicks Buy, pays on billing's TEST MODE page, and lands back on the portal."""
+    await page.get_by_test_id(f"buy-{pack}").click()
+    await page.wait_for_url(re.compile(re.escape(stack.billing.url) + r"/test-checkout/"))
+    await expect(page.locator("body")).to_contain_text("TEST MODE")
+    await shoot(page, f"checkout-{pack}")
+    await page.locator("button.pay").click()
+    await page.wait_for_url(re.compile(re.escape(stack.proxy.url) + r"/"))
+    assert page.url.startswith(stack.proxy.url)
+    await expect(page.get_by_test_id("toast-checkout-success")).to_be_visible()
+
+
+async def test_sign_in_with_token_link_shows_balance_and_packs(
+    page: Page, stack: Stack, sign_in_url: Callable[..., str], new_user: Callable[[], str], shoot: Any
+) -> None:
+    user = new_user()
+    await page.goto(sign_in_url(user))
+
+    await expect(page.get_by_test_id("balance")).to_have_text("10 credits")
+    assert "token=" not in page.url, "the token must be removed from the address bar"
+    # Pack cards with price, credits, price per credit and badges, from billing's catalog.
+    await expect(page.get_by_test_id("price-standard")).to_have_text("$15.00")
+    await expect(page.get_by_test_id("credits-pro")).to_have_text("1,200 credits")
+    await expect(page.get_by_test_id("per-credit-starter")).to_have_text("5¢ per credit")
+    await expect(page.get_by_test_id("badge-standard")).to_have_text("Popular")
+    await expect(page.get_by_test_id("badge-pro")).to_have_text("Best Value + API")
+    await expect(page.get_by_test_id("pack-card-business")).to_contain_text("Unlocks API access")
+    await expect(page.get_by_test_id("account-tier")).to_have_text("Free")
+    await expect(page.get_by_test_id("account-api-access")).to_have_text("Locked")
+    await expect(page.get_by_test_id("low-balance-prompt")).to_be_hidden()
+    await expect(page.get_by_test_id("empty-balance")).to_be_hidden()
+    # The portal's first call created the account, with the signup credits.
+    account = await stack.account(user)
+    assert account is not None and account["credits_remaining"] == 10
+
+    await shoot(page, "pricing")
+    await phone_shot(page, shoot, "pricing")
+    await page.set_viewport_size(PHONE)
+    await assert_fits_width(page)
+
+
+async def test_sign_in_form(
+    page: Page, stack: Stack, new_user: Callable[[], str], shoot: Any
+) -> None:
+    await page.goto(stack.proxy.url + "/")
+    await expect(page.get_by_test_id("signin-token")).to_be_visible()
+    await shoot(page, "signin")
+    await phone_shot(page, shoot, "signin")
+
+    # A forged token is refused and the form says why.
+    await page.get_by_test_id("signin-token").fill(make_token("mallory", secret="not-the-secret"))
+    await page.get_by_test_id("signin-submit").click()
+    await expect(page.get_by_test_id("signin-error")).to_contain_text("expired or the token is invalid")
+    await expect(page.get_by_test_id("signin-token")).to_be_visible()
+
+    token = make_token(new_user(), secret=stack.proxy.settings.user_token_secret)
+    await page.get_by_test_id("signin-token").fill(token)
+    await page.get_by_test_id("signin-submit").click()
+    await expect(page.get_by_test_id("balance")).to_have_text("10 credits")
+    await expect(page.get_by_test_id("signin-token")).to_be_hidden()
+
+
+async def test_buy_pack_balance_rises_and_history_shows_it(
+    page: Page, stack: Stack, sign_in_url: Callable[..., str], new_user: Callable[[], str], shoot: Any
+) -> None:
+    user = new_user()
+    await page.goto(sign_in_url(user))
+    await expect(page.get_by_test_id("balance")).to_have_text("10 credits")
+    await stack.spend_all(user)  # a usage row for the history (and the balance goes to 0 first)
+    account = await stack.account(user)
+    assert account is not None and account["credits_remaining"] == 0
+
+    await buy_through_test_checkout(page, stack, "standard", shoot)
+
+    await expect(page.get_by_test_id("balance")).to_have_text("500 credits", timeout=20_000)
+    await expect(page.get_by_test_id("empty-balance")).to_be_hidden()
+    await expect(page.get_by_test_id("account-tier")).to_have_text("Standard")
+    await expect(page.get_by_test_id("account-support")).to_have_text("Email (48h response)")
+    await expect(page.get_by_test_id("toast-credits-added")).to_be_visible()
+    ledger = await stack.ledger(user)
+    purchases = [e for e in ledger if e["type"] == "purchase"]
+    assert [e["amount"] for e in purchases] == [500] and purchases[0]["balance_after"] == 500
+
+    await page.get_by_test_id("tab-history").click()
+    rows = page.get_by_test_id("history-row")
+    await expect(rows).to_have_count(len(ledger))
+    await expect(page.locator("[data-testid=history-row][data-type=purchase]")).to_contain_text("+500")
+    await expect(page.locator("[data-testid=history-row][data-type=usage]")).to_have_count(10)
+    await expect(page.locator("[data-testid=history-row][data-type=signup_bonus]")).to_contain_text("+10")
+    await expect(rows.first).to_contain_text("Purchase")  # newest first
+    await expect(page.get_by_test_id("purchase-row")).to_have_count(1)
+    await expect(page.get_by_test_id("purchase-row")).to_contain_text("Paid")
+    await expect(page.get_by_test_id("purchase-row")).to_contain_text("$15.00")
+    await shoot(page, "history")
+    await phone_shot(page, shoot, "history")
+
+
+async def test_api_key_after_buying_pro_works_and_revoking_stops_it(
+    page: Page, stack: Stack, sign_in_url: Callable[..., str], new_user: Callable[[], str], shoot: Any
+) -> None:
+    user = new_user()
+    await page.goto(sign_in_url(user))
+    await expect(page.get_by_test_id("balance")).to_have_text("10 credits")
+    await buy_through_test_checkout(page, stack, "pro", shoot)
+    await expect(page.get_by_test_id("balance")).to_have_text("1,210 credits", timeout=20_000)
+    await expect(page.get_by_test_id("account-api-access")).to_have_text("Unlocked")
+
+    await page.get_by_test_id("tab-keys").click()
+    await expect(page.get_by_test_id("api-locked")).to_be_hidden()
+    await page.get_by_test_id("api-key-name-input").fill("CI server")
+    await page.get_by_test_id("create-api-key").click()
+    shown = page.get_by_test_id("new-api-key")
+    await expect(shown).to_be_visible()
+    key = (await shown.inner_text()).strip()
+    assert len(key) > 20
+    row = page.get_by_test_id("api-key-row")
+    await expect(row).to_have_count(1)
+    await expect(row).to_contain_text("CI server")
+    await expect(row).not_to_contain_text(key)  # the list never shows the secret
+    await shoot(page, "keys-new")
+    await phone_shot(page, shoot, "keys-new")
+
+    # The key works with the official SDK (the user has the API unlock) and is charged to the user.
+    sdk = openai.AsyncOpenAI(base_url=stack.proxy.base_url, api_key=key, max_retries=0, timeout=30)
+    reply = await sdk.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hello"}]
+    )
+    assert reply.choices[0].message.content
+
+    async def charged() -> bool:
+        account = await stack.account(user)
+        return account is not None and account["credits_remaining"] == 1209
+
+    await eventually(charged, timeout=15)
+
+    # "I've saved it" hides the key for good.
+    await page.get_by_role("button", name="I've saved it").click()
+    await expect(shown).to_be_hidden()
+
+    key_id = await row.get_attribute("data-key-id")
+    page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+    await page.get_by_test_id(f"revoke-{key_id}").click()
+    await expect(page.get_by_test_id("api-key-row")).to_have_count(0)
+    await expect(page.get_by_test_id("toast-revoked")).to_be_visible()
+    await expect(page.get_by_test_id("revoked-api-key-row")).to_have_count(1)
+
+    loop = asyncio.get_running_loop()
+    revoked_at = loop.time()
+
+    async def refused() -> bool:
+        try:
+            await sdk.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
+        except openai.AuthenticationError:
+            return True
+        return False
+
+    await eventually(refused, timeout=5, interval=0.2)
+    assert loop.time() - revoked_at <= 5.5
+    await sdk.close()
+    await shoot(page, "keys-revoked")
+
+
+async def test_locked_api_message_names_the_pack(
+    page: Page, sign_in_url: Callable[..., str], new_user: Callable[[], str], shoot: Any
+) -> None:
+    await page.goto(sign_in_url(new_user(), tab="keys"))
+    locked = page.get_by_test_id("api-locked")
+    await expect(locked).to_be_visible()
+    await expect(locked).to_contain_text("API access is locked. Buy the Pro pack (or larger) to unlock it.")
+    await expect(page.get_by_test_id("api-locked-cta")).to_have_text("See the Pro pack — $30.00")
+    await expect(page.get_by_test_id("create-api-key")).to_be_hidden()
+    await shoot(page, "keys-locked")
+    await phone_shot(page, shoot, "keys-locked")
+
+    # The call to action leads to the Pro card on the pricing tab.
+    await page.get_by_test_id("api-locked-cta").click()
+    await expect(page.get_by_test_id("pack-card-pro")).to_be_visible()
+    await expect(page.get_by_test_id("pack-card-pro")).to_be_focused()
+    await expect(page.get_by_test_id("tab-pricing")).to_have_attribute("aria-selected", "true")
+
+
+async def test_empty_balance_banner(
+    page: Page, stack: Stack, sign_in_url: Callable[..., str], new_user: Callable[[], str], shoot: Any
+) -> None:
+    user = new_user()
+    await page.goto(sign_in_url(user))
+    await expect(page.get_by_test_id("balance")).to_have_text("10 credits")
+    await expect(page.get_by_test_id("empty-balance")).to_be_hidden()
+    await stack.spend_all(user)
+
+    await page.reload()
+    await expect(page.get_by_test_id("balance")).to_have_text("0 credits")
+    await expect(page.get_by_test_id("empty-balance")).to_have_text(EMPTY)
+    await expect(page.get_by_test_id("empty-balance")).to_be_visible()
+    await expect(page.get_by_test_id("low-balance-prompt")).to_be_visible()
+    await shoot(page, "empty")
+    await phone_shot(page, shoot, "empty")
+
+
+async def test_low_balance_prompt_at_threshold(
+    page: Page, stack: Stack, sign_in_url: Callable[..., str], new_user: Callable[[], str]
+) -> None:
+    user = new_user()
+    await page.goto(sign_in_url(user))
+    await expect(page.get_by_test_id("balance")).to_have_text("10 credits")
+    headers = {"Authorization": f"Bearer {stack.proxy.settings.internal_token}", "X-User-Id": user}
+    sdk = openai.AsyncOpenAI(base_url=stack.proxy.base_url, api_key="unused", max_retries=0)
+    for _ in range(5):  # 10 → 5, the default threshold
+        await sdk.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], extra_headers=headers
+        )
+    await sdk.close()
+    # The navigation bar polls the balance; no reload needed.
+    await expect(page.get_by_test_id("balance")).to_have_text("5 credits", timeout=15_000)
+    await expect(page.get_by_test_id("low-balance-prompt")).to_be_visible()
+    await expect(page.get_by_test_id("empty-balance")).to_be_hidden()
+
+
+async def test_error_banner_when_credits_is_down(
+    page: Page, stack: Stack, new_user: Callable[[], str], redis_url: str, shoot: Any
+) -> None:
+    # A proxy whose credits service is unreachable (nothing listens on that port).
+    async with running_proxy(
+        credits_url=f"http://127.0.0.1:{free_port()}",
+        billing_url=stack.billing.url,
+        upstream_base_url=stack.standin.base_url,
+        redis_url=redis_url,
+        worker_enabled=False,
+        downstream_timeout_seconds=2.0,
+    ) as broken:
+        token = make_token(new_user(), secret=broken.settings.user_token_secret)
+        await page.goto(f"{broken.url}/#token={token}")
+        banner = page.get_by_test_id("error-banner")
+        await expect(banner).to_be_visible()
+        await expect(banner).to_contain_text(UNAVAILABLE)
+        await expect(page.get_by_test_id("retry")).to_be_visible()
+        # Still signed in (a down service is not an expired session); packs come from billing.
+        await expect(page.get_by_test_id("signin-token")).to_be_hidden()
+        await expect(page.get_by_test_id("pack-card-pro")).to_be_visible()
+        await shoot(page, "error")
+        await phone_shot(page, shoot, "error")
+
+
+@pytest.mark.parametrize("tab", ["pricing", "history", "keys"])
+async def test_tabs_are_keyboard_reachable(
+    page: Page, sign_in_url: Callable[..., str], new_user: Callable[[], str], tab: str
+) -> None:
+    await page.goto(sign_in_url(new_user(), tab=tab))
+    await expect(page.get_by_test_id(f"tab-{tab}")).to_have_attribute("aria-selected", "true")
+    await expect(page.locator(f"#panel-{tab}")).to_be_visible()
+    await page.get_by_test_id(f"tab-{tab}").focus()
+    await page.keyboard.press("ArrowRight")
+    following = {"pricing": "history", "history": "keys", "keys": "pricing"}[tab]
+    await expect(page.get_by_test_id(f"tab-{following}")).to_be_focused()
+    await expect(page.get_by_test_id(f"tab-{following}")).to_have_attribute("aria-selected", "true")
