@@ -165,7 +165,8 @@ class FakeStripe:
         intent = self.payment_intents[self.sessions[session_id]["payment_intent"]]
         charge = self.charges[intent["latest_charge"]]
         self._refund_charge(charge, amount)
-        return json.loads(json.dumps(charge))
+        snapshot: dict[str, Any] = json.loads(json.dumps(charge))
+        return snapshot
 
     def event(self, event_type: str, obj: dict[str, Any], *, created: int | None = None) -> dict[str, Any]:
         """A v1 webhook event, as Stripe posts it."""
