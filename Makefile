@@ -41,7 +41,7 @@ typecheck: install
 
 # Prints a portal sign-in URL for a development user: make token USER=alice
 token: install
-	@$(PY) -m shared.devtoken $(USER)
+	@$(PY) -m shared.devtoken $(if $(filter command line,$(origin USER)),$(USER),demo-user)
 
 bench: install infra
 	$(PY) -m bench

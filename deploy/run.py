@@ -146,7 +146,7 @@ def main() -> int:
             f"  billing          http://127.0.0.1:8001   checkout: {stripe_mode}\n"
             f"  credits          http://127.0.0.1:8002\n"
             f"  upstream AI      {upstream}\n"
-            f"\n  Portal, signed in as demo-user:\n  {portal_url('demo-user')}\n"
+            f"\n  Portal, signed in as demo-user:\n  {portal_url('demo-user', 'http://127.0.0.1:8000')}\n"
             "  (another user: make token USER=<id>)   Ctrl-C stops everything.\n",
             flush=True,
         )

@@ -28,6 +28,12 @@ def make_token(user_id: str, secret: str | None = None, ttl_seconds: int = 24 * 
     )
 
 
+def portal_url(user_id: str, base_url: str | None = None) -> str:
+    """The portal, already signed in as `user_id` (the token travels in the fragment, never to a server log)."""
+    base = base_url or os.environ.get("PUBLIC_BASE_URL") or "http://127.0.0.1:8000"
+    return f"{base.rstrip('/')}/#token={make_token(user_id)}"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m shared.devtoken", description=__doc__.splitlines()[0])
     parser.add_argument("user_id", nargs="?", default="alice")
