@@ -82,6 +82,50 @@ async def delete_namespace(rabbitmq_url: str, namespace: str) -> None:
                     await channel.exchange_delete(f"{exchange}.{namespace}")
 
 
+async def _start(
+    stack: contextlib.AsyncExitStack,
+    *,
+    name: str,
+    make_database_url: Callable[[str], str],
+    redis_url: str,
+    rabbitmq_url: str,
+    namespace: str,
+    pricing_file: Path,
+) -> Stack:
+    standin = stack.enter_context(run_in_thread())
+    credits = await stack.enter_async_context(
+        running_credits(
+            database_url=make_database_url(f"{name}_credits"),
+            redis_url=redis_url,
+            rabbitmq_url=rabbitmq_url,
+            broker_namespace=namespace,
+            redis_namespace=f"credits-{name}",
+            signup_credits=10,
+        )
+    )
+    billing = await stack.enter_async_context(
+        running_billing(
+            database_url=make_database_url(f"{name}_billing"),
+            rabbitmq_url=rabbitmq_url,
+            broker_namespace=namespace,
+        )
+    )
+    assert billing.settings.test_mode, "billing must run in local test mode (no Stripe key)"
+    proxy = await stack.enter_async_context(
+        running_proxy(
+            credits_url=credits.url,
+            billing_url=billing.url,
+            upstream_base_url=standin.base_url,
+            redis_url=redis_url,
+            rabbitmq_url=rabbitmq_url,
+            broker_namespace=namespace,
+            pricing_file=str(pricing_file),
+            worker_enabled=False,
+        )
+    )
+    return Stack(credits=credits, billing=billing, proxy=proxy, standin=standin)
+
+
 @contextlib.asynccontextmanager
 async def running_stack(
     *,
@@ -96,33 +140,27 @@ async def running_stack(
     pricing_file = workdir / "pricing.yaml"
     pricing_file.write_text(PRICING)
     try:
-        with run_in_thread() as standin:
-            async with (
-                running_credits(
-                    database_url=make_database_url(f"{name}_credits"),
+        # Billing must know its public URL before it listens, so its port is picked free and then
+        # bound; on a busy machine another process can take it in between (uvicorn then exits).
+        for attempt in range(3):
+            exits = contextlib.AsyncExitStack()
+            try:
+                running = await _start(
+                    exits,
+                    name=name,
+                    make_database_url=make_database_url,
                     redis_url=redis_url,
                     rabbitmq_url=rabbitmq_url,
-                    broker_namespace=namespace,
-                    redis_namespace=f"credits-{name}",
-                    signup_credits=10,
-                ) as credits,
-                running_billing(
-                    database_url=make_database_url(f"{name}_billing"),
-                    rabbitmq_url=rabbitmq_url,
-                    broker_namespace=namespace,
-                ) as billing,
-                running_proxy(
-                    credits_url=credits.url,
-                    billing_url=billing.url,
-                    upstream_base_url=standin.base_url,
-                    redis_url=redis_url,
-                    rabbitmq_url=rabbitmq_url,
-                    broker_namespace=namespace,
-                    pricing_file=str(pricing_file),
-                    worker_enabled=False,
-                ) as proxy,
-            ):
-                assert billing.settings.test_mode, "billing must run in local test mode (no Stripe key)"
-                yield Stack(credits=credits, billing=billing, proxy=proxy, standin=standin)
+                    namespace=namespace,
+                    pricing_file=pricing_file,
+                )
+            except (SystemExit, OSError):
+                await exits.aclose()
+                if attempt == 2:
+                    raise
+                continue
+            async with exits:
+                yield running
+            break
     finally:
         await delete_namespace(rabbitmq_url, namespace)

@@ -4,6 +4,9 @@
   "use strict";
 
   var TOKEN_KEY = "credit_proxy.token";
+  // The balance when the user left for checkout, so the return can tell when the credits arrived
+  // (they may already be there on the first load back).
+  var CHECKOUT_BALANCE_KEY = "credit_proxy.balance_before_checkout";
   var POLL_MS = 5000;
   var FAST_POLL_MS = 1500;
   var FAST_POLL_FOR_MS = 60000;
@@ -16,6 +19,8 @@
 
   var numberFmt = new Intl.NumberFormat(LOCALE);
   var dateFmt = new Intl.DateTimeFormat(undefined, { dateStyle: "medium", timeStyle: "short" });
+  // This year's dates without the year: keeps table rows on one or two short lines on a phone.
+  var recentDateFmt = new Intl.DateTimeFormat(undefined, { month: "short", day: "numeric", hour: "numeric", minute: "2-digit" });
 
   var TX_TYPES = {
     signup_bonus: "Signup bonus",
@@ -99,7 +104,8 @@
   function formatDate(iso) {
     if (!iso) return "—";
     var d = new Date(iso);
-    return isNaN(d.getTime()) ? String(iso) : dateFmt.format(d);
+    if (isNaN(d.getTime())) return String(iso);
+    return d.getFullYear() === new Date().getFullYear() ? recentDateFmt.format(d) : dateFmt.format(d);
   }
   function supportTierFor(credits) {
     var c = Number(credits) || 0;
@@ -304,6 +310,11 @@
       clearError(true);
       renderAccount(acct, prev);
     }, function (err) {
+      // Never loaded: replace the loading ellipsis, so the pill does not look like it is still working.
+      if (!state.account && state.token) {
+        $("balance").textContent = "Balance unavailable";
+        $("balance").classList.add("is-low");
+      }
       handleLoadError(err, retryAll);
     });
   }
@@ -329,15 +340,16 @@
 
     markCurrentTier();
 
+    if (state.balanceBeforeCheckout !== null && remaining > state.balanceBeforeCheckout) {
+      // "Your credits will appear in a moment" is now out of date.
+      Array.prototype.forEach.call(document.querySelectorAll("[data-testid=toast-checkout-success]"), function (t) { t.remove(); });
+      toast("Credits added — new balance " + text, "success", "toast-credits-added");
+      state.balanceBeforeCheckout = null;
+    }
     if (prev) {
       if (prev.credits_remaining !== acct.credits_remaining || prev.credits_purchased_total !== acct.credits_purchased_total) {
         state.historyStale = true;
         if (state.tab === "history" && state.txCursors.length === 1) loadHistory();
-      }
-      if (remaining > prev.credits_remaining && state.balanceBeforeCheckout !== null &&
-          remaining > state.balanceBeforeCheckout) {
-        toast("Credits added — new balance " + text, "success", "toast-credits-added");
-        state.balanceBeforeCheckout = null;
       }
       if (prev.api_access_unlocked !== acct.api_access_unlocked) {
         state.keysStale = true;
@@ -494,6 +506,9 @@
     btn.textContent = "Redirecting to checkout…";
     api("POST", "/v1/account/checkout", { pack: pack.id }).then(function (res) {
       if (!res || !res.url) throw new ApiError(0, "bad_response", "Checkout could not be started. Please try again.", false);
+      if (state.account) {
+        try { sessionStorage.setItem(CHECKOUT_BALANCE_KEY, String(state.account.credits_remaining)); } catch (e) { /* ignore */ }
+      }
       window.location.assign(res.url);
     }).catch(function (err) {
       state.buying = null;
@@ -556,7 +571,7 @@
         el("td", {}, [el("span", { className: "tx-type tx-" + t.type, text: TX_TYPES[t.type] || titleCase(t.type) })]),
         el("td", { className: "num amount " + (amt > 0 ? "pos" : amt < 0 ? "neg" : ""), text: sign + numberFmt.format(Math.abs(amt)) }),
         el("td", { className: "num", text: numberFmt.format(Number(t.balance_after) || 0) }),
-        el("td", { className: "ref muted", text: t.reference || "—" })
+        el("td", { className: "ref muted hide-phone", text: t.reference || "—" })
       ]));
     });
     show($("tx-empty"), rows.length === 0);
@@ -642,7 +657,7 @@
       body.appendChild(el("tr", { "data-testid": "api-key-row", "data-key-id": k.id }, [
         el("td", { className: "key-name", text: k.name || "Untitled key" }),
         el("td", {}, [el("code", { className: "key-prefix", text: (k.prefix || "") + "…" })]),
-        el("td", { className: "nowrap", text: formatDate(k.created_at) }),
+        el("td", { className: "nowrap hide-phone", text: formatDate(k.created_at) }),
         el("td", { className: "actions" }, [btn])
       ]));
     });
@@ -650,7 +665,7 @@
       revokedBody.appendChild(el("tr", { "data-testid": "revoked-api-key-row" }, [
         el("td", { text: k.name || "Untitled key" }),
         el("td", {}, [el("code", { className: "key-prefix", text: (k.prefix || "") + "…" })]),
-        el("td", { className: "nowrap", text: formatDate(k.created_at) }),
+        el("td", { className: "nowrap hide-phone", text: formatDate(k.created_at) }),
         el("td", { className: "nowrap", text: formatDate(k.revoked_at) })
       ]));
     });
@@ -745,9 +760,15 @@
     ["session_id"].forEach(function (k) { params.delete(k); });
     var qs = params.toString();
     history.replaceState(null, "", window.location.pathname + (qs ? "?" + qs : "") + window.location.hash);
+    var before = null;
+    try {
+      before = sessionStorage.getItem(CHECKOUT_BALANCE_KEY);
+      sessionStorage.removeItem(CHECKOUT_BALANCE_KEY);
+    } catch (e) { before = null; }
     if (result === "success") {
       toast("Payment received — your credits will appear in a moment", "success", "toast-checkout-success");
-      state.balanceBeforeCheckout = -1; // set properly after the first account load
+      // Unknown (another tab started the checkout): judged from the first account load instead.
+      state.balanceBeforeCheckout = before !== null && !isNaN(Number(before)) ? Number(before) : -1;
       pollFast();
     } else if (result === "cancel" || result === "cancelled" || result === "canceled") {
       toast("Checkout cancelled", "info", "toast-checkout-cancel");
