@@ -19,7 +19,8 @@ on their behalf. Admin calls (grants, analytics) need the admin token and the cr
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+import threading
+from collections.abc import AsyncGenerator, Iterator
 from typing import Any, cast
 
 import httpx
@@ -51,6 +52,14 @@ class InsufficientCredits(CreditProxyError):
             if cheapest
             else "Buy a credit pack with purchase_credits(user_id, pack)."
         )
+
+
+UNAVAILABLE = "service_unavailable"
+
+
+def _unavailable(exc: Exception) -> CreditProxyError:
+    """A network failure or timeout reaching the gateway or credits, as the client's own error type."""
+    return CreditProxyError(503, UNAVAILABLE, f"Credit Proxy is unreachable: {exc.__class__.__name__}: {exc}")
 
 
 def _raise_for(response: httpx.Response) -> None:
@@ -93,27 +102,35 @@ class CreditProxyClient:
         await self._http.aclose()
         await self._openai.close()
 
+    async def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = await self._http.request(method, url, **kwargs)
+        except httpx.TransportError as exc:
+            raise _unavailable(exc) from exc
+        _raise_for(response)
+        return response
+
     # -- account and purchases -------------------------------------------------------------------
     def _as_user(self, user_id: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self._internal_token}", "X-User-Id": user_id}
 
     async def get_credit_packages(self) -> list[dict[str, Any]]:
-        r = await self._http.get(f"{self._gateway}/v1/packs")
-        _raise_for(r)
+        r = await self._request("GET", f"{self._gateway}/v1/packs")
         return list(r.json()["data"])
 
     async def get_user_credits(self, user_id: str) -> dict[str, Any]:
         """The account of CONTRACT §4 (created with its signup credits on first use)."""
-        r = await self._http.get(f"{self._gateway}/v1/account", headers=self._as_user(user_id))
-        _raise_for(r)
+        r = await self._request("GET", f"{self._gateway}/v1/account", headers=self._as_user(user_id))
         return dict(r.json())
 
     async def purchase_credits(self, user_id: str, pack: str) -> str:
         """Starts a Stripe Checkout for `pack` and returns the URL to send the user to."""
-        r = await self._http.post(
-            f"{self._gateway}/v1/account/checkout", json={"pack": pack}, headers=self._as_user(user_id)
+        r = await self._request(
+            "POST",
+            f"{self._gateway}/v1/account/checkout",
+            json={"pack": pack},
+            headers=self._as_user(user_id),
         )
-        _raise_for(r)
         return str(r.json()["url"])
 
     # -- admin -----------------------------------------------------------------------------------
@@ -123,17 +140,16 @@ class CreditProxyClient:
         return {"Authorization": f"Bearer {self._admin_token}"}
 
     async def add_credits(self, user_id: str, credits: int, reason: str) -> dict[str, Any]:
-        r = await self._http.post(
+        r = await self._request(
+            "POST",
             f"{self._credits}/v1/admin/users/{user_id}/grants",
             json={"credits": credits, "reason": reason},
             headers=self._admin(),
         )
-        _raise_for(r)
         return dict(r.json())
 
     async def get_analytics(self) -> dict[str, Any]:
-        r = await self._http.get(f"{self._credits}/v1/admin/analytics", headers=self._admin())
-        _raise_for(r)
+        r = await self._request("GET", f"{self._credits}/v1/admin/analytics", headers=self._admin())
         return dict(r.json())
 
     # -- AI calls on behalf of a user --------------------------------------------------------------
@@ -160,10 +176,14 @@ class CreditProxyClient:
             return cast(ChatCompletion, completion)
         except openai.APIStatusError as exc:
             raise await self._translate(exc) from exc
+        except openai.APIConnectionError as exc:  # also timeouts
+            raise _unavailable(exc) from exc
 
     async def chat_stream(
         self, user_id: str, messages: list[dict[str, Any]], *, model: str = "gpt-4o-mini", **params: Any
-    ) -> AsyncIterator[ChatCompletionChunk]:
+    ) -> AsyncGenerator[ChatCompletionChunk, None]:
+        """Yields the completion's chunks as they arrive (`async for chunk in cp.chat_stream(...)`).
+        Use `contextlib.aclosing(...)` to stop early and release the connection at once."""
         try:
             stream = await self._openai.chat.completions.create(
                 model=model,
@@ -172,10 +192,14 @@ class CreditProxyClient:
                 extra_headers={"X-User-Id": user_id},
                 **params,
             )
-            async for chunk in cast(AsyncIterator[ChatCompletionChunk], stream):
-                yield chunk
+            # Closing the stream when the caller stops early ends the request; the proxy charges what it served.
+            async with stream:
+                async for chunk in stream:
+                    yield chunk
         except openai.APIStatusError as exc:
             raise await self._translate(exc) from exc
+        except openai.APIConnectionError as exc:  # also timeouts
+            raise _unavailable(exc) from exc
 
     async def generate_image(
         self, user_id: str, prompt: str, *, model: str = "dall-e-3", **params: Any
@@ -187,6 +211,8 @@ class CreditProxyClient:
             return cast(ImagesResponse, images)
         except openai.APIStatusError as exc:
             raise await self._translate(exc) from exc
+        except openai.APIConnectionError as exc:  # also timeouts
+            raise _unavailable(exc) from exc
 
 
 class SyncCreditProxyClient:
@@ -203,11 +229,27 @@ class SyncCreditProxyClient:
         self.close()
 
     def close(self) -> None:
-        self._loop.run_until_complete(self._client.aclose())
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop.run_until_complete(self._client.aclose())
+        else:
+            # Closing needs no service, so it may run on a helper thread rather than fail.
+            closer = threading.Thread(target=self._loop.run_until_complete, args=(self._client.aclose(),))
+            closer.start()
+            closer.join()
         self._loop.close()
 
     def _run(self, coro: Any) -> Any:
-        return self._loop.run_until_complete(coro)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return self._loop.run_until_complete(coro)
+        coro.close()
+        raise RuntimeError(
+            "SyncCreditProxyClient cannot run on a thread with a running event loop: use CreditProxyClient "
+            "there, or call the sync client through asyncio.to_thread(...)."
+        )
 
     def get_credit_packages(self) -> list[dict[str, Any]]:
         return self._run(self._client.get_credit_packages())  # type: ignore[no-any-return]
@@ -231,11 +273,16 @@ class SyncCreditProxyClient:
         self, user_id: str, messages: list[dict[str, Any]], **params: Any
     ) -> Iterator[ChatCompletionChunk]:
         stream = self._client.chat_stream(user_id, messages, **params)
-        while True:
-            try:
-                yield self._run(stream.__anext__())
-            except StopAsyncIteration:
-                return
+        try:
+            while True:
+                try:
+                    yield self._run(stream.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            # Stopping early (break, an exception) closes the HTTP stream; the proxy then charges only
+            # what it served.
+            self._run(stream.aclose())
 
     def generate_image(self, user_id: str, prompt: str, **params: Any) -> ImagesResponse:
         return self._run(self._client.generate_image(user_id, prompt, **params))  # type: ignore[no-any-return]
