@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from services.billing.app import create_app
 from services.billing.config import BillingSettings
 from services.billing.runtime import BillingRuntime
-from tests.support.servers import free_port, serve_app
+from tests.support.servers import bound_socket, serve_app
 
 WEBHOOK_SECRET = "whsec_test_billing_secret"
 
@@ -48,7 +48,8 @@ async def running_billing(
     **overrides: Any,
 ) -> AsyncIterator[RunningBilling]:
     """Billing with Stripe at `stripe_api_base` (a fake server) when a key is given, else in local test mode."""
-    port = free_port()
+    sock = bound_socket()
+    port = sock.getsockname()[1]
     settings = BillingSettings(
         database_url=database_url,
         rabbitmq_url=rabbitmq_url,
@@ -62,5 +63,5 @@ async def running_billing(
         **overrides,
     )
     app = create_app(settings)
-    async with serve_app(app, port) as url:
+    async with serve_app(app, sock=sock) as url:
         yield RunningBilling(url=url, app=app, settings=settings)

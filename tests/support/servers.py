@@ -26,15 +26,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def bound_socket(port: int = 0) -> socket.socket:
+    """A socket already bound on 127.0.0.1: the port is ours from now on, so no other process can take
+    it between choosing a port and listening on it (pass it to `serve_app(sock=...)`)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    return sock
+
+
 @contextlib.asynccontextmanager
-async def serve_app(app: Any, port: int | None = None) -> AsyncIterator[str]:
+async def serve_app(
+    app: Any, port: int | None = None, *, sock: socket.socket | None = None
+) -> AsyncIterator[str]:
     """Serves `app` with uvicorn on 127.0.0.1 (lifespan included) and yields its base URL."""
-    port = port or free_port()
+    sock = sock or bound_socket(port or 0)
+    port = int(sock.getsockname()[1])
     config = uvicorn.Config(
         app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on"
     )
     server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
+    task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         for _ in range(500):
             if server.started:
@@ -49,6 +61,7 @@ async def serve_app(app: Any, port: int | None = None) -> AsyncIterator[str]:
         server.should_exit = True
         with contextlib.suppress(Exception):
             await asyncio.wait_for(task, timeout=15)
+        sock.close()
 
 
 def wait_ready(url: str, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None) -> None:
