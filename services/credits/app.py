@@ -10,11 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import redis.asyncio as aioredis
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 from fastapi import FastAPI
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from services.credits.api import admin, internal
 from services.credits.apikeys import ApiKeys
@@ -25,12 +27,16 @@ from services.credits.ledger import Clock, Ledger, utcnow
 from services.credits.outbox import OutboxRelay
 from services.credits.sweeper import Sweeper
 from shared.broker import Publisher, Topology, connect, consume
-from shared.db import create_engine, ensure_database, migrate
+from shared.db import ensure_database, migrate
 from shared.web import create_service_app
 
 log = logging.getLogger("credits.app")
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+
+def asyncpg_dsn(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 @dataclass
@@ -39,6 +45,7 @@ class Runtime:
 
     settings: CreditsSettings
     engine: AsyncEngine
+    pool: asyncpg.Pool
     redis: aioredis.Redis[Any]
     ledger: Ledger
     api_keys: ApiKeys
@@ -57,19 +64,35 @@ class Runtime:
             await migrate(settings.database_url, MIGRATIONS_DIR)
         else:
             await ensure_database(settings.database_url)
-        engine = create_engine(settings.database_url, pool_size=settings.db_pool_size)
+        # A fixed pool (little overflow): opening and closing overflow connections under load costs
+        # more than waiting briefly for a pooled one.
+        engine = create_async_engine(
+            settings.database_url, pool_size=settings.db_pool_size, max_overflow=4, pool_pre_ping=True
+        )
+        # The hot path (hold batches, commit, release) calls server-side functions over raw asyncpg.
+        pool = await asyncpg.create_pool(
+            asyncpg_dsn(settings.database_url), min_size=2, max_size=settings.db_pool_size
+        )
         redis = aioredis.from_url(settings.redis_url, max_connections=200)
-        holds = Holds(redis, settings.deadline_shards, settings.redis_namespace)
+        holds = Holds(
+            redis,
+            settings.deadline_shards,
+            settings.redis_namespace,
+            grace_ms=int(settings.orphan_grace_seconds * 1000),
+        )
         relay: OutboxRelay | None = None
         connection = None
         if broker:
             connection = await connect(settings.rabbitmq_url, "credits")
             relay = OutboxRelay(engine, Publisher(connection, Topology(settings.broker_namespace)))
-        ledger = Ledger(engine, holds, settings, on_outbox=relay.kick if relay else lambda: None, clock=clock)
+        ledger = Ledger(
+            engine, pool, holds, settings, on_outbox=relay.kick if relay else lambda: None, clock=clock
+        )
         await ledger.start()
         runtime = cls(
             settings=settings,
             engine=engine,
+            pool=pool,
             redis=redis,
             ledger=ledger,
             api_keys=ApiKeys(engine),
@@ -130,6 +153,7 @@ class Runtime:
         if self.connection is not None:
             with contextlib.suppress(Exception):
                 await self.connection.close()
+        await self.pool.close()
         await self.redis.aclose()  # type: ignore[attr-defined]  # stubs predate redis-py 5
         await self.engine.dispose()
 

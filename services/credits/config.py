@@ -27,7 +27,7 @@ class CreditsSettings(DatabaseSettings):
     deadline_shards: int = 16
     # Largest group of holds persisted in one PostgreSQL transaction.
     hold_batch_max: int = 512
-    db_pool_size: int = 10
+    db_pool_size: int = 20
     consumer_prefetch: int = 16
     # Run the background sweeper and outbox relay (tests may turn them off and drive them by hand).
     run_background_tasks: bool = True

@@ -4,16 +4,20 @@ Keys (every key of a user carries the hash tag `{<user_id>}`, so each script tou
 unchanged on Redis Cluster):
 
 - `credits:{<user_id>}:acct` — one hash per user: `b` balance (= PostgreSQL ledger sum at version `v`),
-  `d` credits held, `v` account version, `e` load epoch, `h:<reservation_id>` held credits,
-  `i:<idempotency_key>` reservation id, `k:<reservation_id>` its idempotency key. Its presence is the "loaded" marker: a missing hash is never read
-  as zero; it means "rebuild from PostgreSQL".
-- `credits:deadlines:{<n>}` — sharded sorted sets (score = deadline in ms, member = `user_id<US>reservation_id`)
-  that let the sweeper find holds living only in Redis (a reserve whose process died before persisting it).
+  `d` credits held, `v` account version, `e` load epoch (= accounts.redis_epoch), `h:<reservation_id>`
+  held credits, `i:<idempotency_key>` reservation id, `k:<reservation_id>` its idempotency key. Its
+  presence is the "loaded" marker: a missing hash is never read as zero; it means "rebuild from PostgreSQL".
+- `credits:{<user_id>}:deadlines` — the user's open holds scored by deadline (ms). The scripts drop holds
+  past deadline + grace as they pass (a commit after the deadline is refused anyway), which also clears
+  holds that never reached PostgreSQL because their process died mid-reserve.
+- `credits:deadlines:{<n>}` — sharded sorted sets (score = deadline, member = `user_id<US>reservation_id`)
+  of persisted holds, written once per group commit; the sweeper walks them after the deadline to bring
+  Redis back in line with PostgreSQL where a post-commit sync was lost (e.g. the process died after a
+  PostgreSQL commit). Several shards so that no single key (or Cluster slot) takes every write.
 """
 
 from __future__ import annotations
 
-import secrets
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,19 +48,28 @@ def _s(value: Any) -> str:
 
 class Holds:
     def __init__(
-        self, client: aioredis.Redis[Any], deadline_shards: int = 16, namespace: str = "credits"
+        self,
+        client: aioredis.Redis[Any],
+        deadline_shards: int = 16,
+        namespace: str = "credits",
+        grace_ms: int = 5000,
     ) -> None:
         self.client = client
         self.namespace = namespace
         self.deadline_shards = deadline_shards
+        self.grace_ms = grace_ms
         # Registered once; redis-py sends EVALSHA and loads the script again only after a NOSCRIPT.
         self._reserve = client.register_script(_script("reserve.lua"))
         self._apply = client.register_script(_script("apply.lua"))
         self._load = client.register_script(_script("load.lua"))
         self._confirm = client.register_script(_script("confirm.lua"))
+        self._view = client.register_script(_script("view.lua"))
 
     def account_key(self, user_id: str) -> str:
         return f"{self.namespace}:{{{user_id}}}:acct"
+
+    def keys(self, user_id: str) -> list[str]:
+        return [f"{self.namespace}:{{{user_id}}}:acct", f"{self.namespace}:{{{user_id}}}:deadlines"]
 
     def deadline_key(self, shard: int) -> str:
         return f"{self.namespace}:deadlines:{{{shard}}}"
@@ -71,21 +84,21 @@ class Holds:
         amount: int,
         idempotency_key: str | None,
         deadline_ms: int,
+        now_ms: int,
         *,
         up_to: bool = False,
     ) -> ReserveOutcome:
-        # The deadline goes in first (same round trip): if this process dies right after the script,
-        # the sweeper still finds the hold and drops it once it is past its deadline.
-        pipe = self.client.pipeline(transaction=False)
-        pipe.zadd(
-            self.deadline_key(self.shard_of(user_id)), {f"{user_id}{SEPARATOR}{reservation_id}": deadline_ms}
+        raw = await self._reserve(
+            keys=self.keys(user_id),
+            args=[
+                reservation_id,
+                amount,
+                idempotency_key or "",
+                "upto" if up_to else "exact",
+                deadline_ms,
+                now_ms - self.grace_ms,
+            ],
         )
-        await self._reserve(
-            keys=[self.account_key(user_id)],
-            args=[reservation_id, amount, idempotency_key or "", "upto" if up_to else "exact"],
-            client=pipe,
-        )
-        _, raw = await pipe.execute()
         status = int(raw[0])
         if status == 2:
             return ReserveOutcome(2, 0, _s(raw[2]), 0, existing_id=_s(raw[1]))
@@ -100,53 +113,62 @@ class Holds:
         ended: Sequence[str] = (),
     ) -> int | None:
         """Reflects a committed PostgreSQL change. Returns available credits, or None if not loaded."""
-        args: list[Any] = ["" if balance is None else balance, "" if version is None else version]
-        args += list(ended)
-        if not ended:
-            result = int(await self._apply(keys=[self.account_key(user_id)], args=args))
-        else:
-            # Ended holds leave the deadline index in the same round trip.
-            pipe = self.client.pipeline(transaction=False)
-            await self._apply(keys=[self.account_key(user_id)], args=args, client=pipe)
-            pipe.zrem(
-                self.deadline_key(self.shard_of(user_id)),
-                *(f"{user_id}{SEPARATOR}{rid}" for rid in ended),
-            )
-            result = int((await pipe.execute())[0])
+        args: list[Any] = ["" if balance is None else balance, "" if version is None else version, *ended]
+        result = int(await self._apply(keys=self.keys(user_id), args=args))
         return None if result == -1 else result
 
     async def load(
-        self, user_id: str, balance: int, version: int, holds: Sequence[tuple[str, int, str | None]]
+        self,
+        user_id: str,
+        balance: int,
+        version: int,
+        epoch: int,
+        holds: Sequence[tuple[str, int, str | None, int]],
     ) -> int:
-        args: list[Any] = [balance, version, secrets.token_hex(8)]
-        for rid, amount, key in holds:
-            args += [rid, amount, key or ""]
-        return int(await self._load(keys=[self.account_key(user_id)], args=args))
+        """holds: (reservation_id, amount, idempotency_key, deadline_ms)."""
+        args: list[Any] = [balance, version, epoch]
+        for rid, amount, key, deadline_ms in holds:
+            args += [rid, amount, key or "", deadline_ms]
+        return int(await self._load(keys=self.keys(user_id), args=args))
 
-    async def confirm(self, items: Sequence[tuple[str, str, int, str | None, str]]) -> list[bool]:
-        """items: (user_id, reservation_id, amount, idempotency_key, epoch). One pipelined round trip."""
+    async def confirm(self, items: Sequence[tuple[str, str, int, str | None, str, int]]) -> list[bool]:
+        """items: (user_id, reservation_id, amount, idempotency_key, epoch, deadline_ms)."""
         if not items:
             return []
         pipe = self.client.pipeline(transaction=False)
-        for user_id, rid, amount, key, epoch in items:
+        for user_id, rid, amount, key, epoch, deadline_ms in items:
             await self._confirm(
-                keys=[self.account_key(user_id)], args=[rid, amount, key or "", epoch], client=pipe
+                keys=self.keys(user_id), args=[rid, amount, key or "", epoch, deadline_ms], client=pipe
             )
         results = await pipe.execute()
         return [int(r[0]) == 1 for r in results]
 
+    async def index_deadlines(self, holds: Sequence[tuple[str, str, int]]) -> None:
+        """Adds persisted holds (user_id, reservation_id, deadline_ms) to the sweeper's sharded index."""
+        by_shard: dict[int, dict[str | bytes, float]] = {}
+        for user_id, rid, deadline_ms in holds:
+            by_shard.setdefault(self.shard_of(user_id), {})[f"{user_id}{SEPARATOR}{rid}"] = deadline_ms
+        if len(by_shard) == 1:
+            ((shard, members),) = by_shard.items()
+            await self.client.zadd(self.deadline_key(shard), members)
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for shard, members in by_shard.items():
+            pipe.zadd(self.deadline_key(shard), members)
+        await pipe.execute()
+
     async def is_loaded(self, user_id: str) -> bool:
         return bool(await self.client.exists(self.account_key(user_id)))
 
-    async def snapshot(self, user_id: str) -> tuple[int, int] | None:
-        """(balance, held) or None if not loaded."""
-        b, d = await self.client.hmget(self.account_key(user_id), ["b", "d"])
-        if b is None or d is None:
+    async def snapshot(self, user_id: str, now_ms: int) -> tuple[int, int] | None:
+        """(balance, held) or None if not loaded; drops dead holds first."""
+        raw = await self._view(keys=self.keys(user_id), args=[now_ms - self.grace_ms])
+        if not raw:
             return None
-        return int(b), int(d)
+        return int(raw[0]), int(raw[1])
 
     async def due_deadlines(self, shard: int, now_ms: int, limit: int = 500) -> list[tuple[str, str, str]]:
-        """(member, user_id, reservation_id) of deadline entries at or before now_ms."""
+        """(member, user_id, reservation_id) of index entries at or before now_ms."""
         members = await self.client.zrangebyscore(
             self.deadline_key(shard), "-inf", now_ms, start=0, num=limit
         )

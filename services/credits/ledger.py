@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
+import orjson
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.credits import metrics, store
@@ -93,6 +95,7 @@ class Ledger:
     def __init__(
         self,
         engine: AsyncEngine,
+        pool: asyncpg.Pool,
         holds: Holds,
         settings: CreditsSettings,
         *,
@@ -100,11 +103,12 @@ class Ledger:
         clock: Clock = utcnow,
     ) -> None:
         self.engine = engine
+        self.pool = pool
         self.holds = holds
         self.settings = settings
         self.clock = clock
         self._on_outbox = on_outbox
-        self.writer = HoldWriter(engine, holds, settings.hold_batch_max)
+        self.writer = HoldWriter(pool, holds, settings.hold_batch_max)
         self._rebuilds: dict[str, asyncio.Future[None]] = {}
 
     async def start(self) -> None:
@@ -133,8 +137,9 @@ class Ledger:
                 if row is None:
                     raise NotFound(f"Unknown user {user_id!r}.")
                 if force or not await self.holds.is_loaded(user_id):
+                    epoch = await store.next_redis_epoch(conn, user_id)
                     open_holds = await store.open_holds(conn, user_id)
-                    await self.holds.load(user_id, int(row.balance), int(row.version), open_holds)
+                    await self.holds.load(user_id, int(row.balance), int(row.version), epoch, open_holds)
                     metrics.REDIS_REBUILDS.inc()
             future.set_result(None)
         except BaseException as exc:
@@ -148,7 +153,7 @@ class Ledger:
     async def live(self, user_id: str) -> tuple[int, int]:
         """(available, held) from Redis, rebuilding a missing mirror first."""
         for _ in range(5):
-            snap = await self.holds.snapshot(user_id)
+            snap = await self.holds.snapshot(user_id, _ms(self.clock()))
             if snap is not None:
                 balance, held = snap
                 return balance - held, held
@@ -428,7 +433,7 @@ class Ledger:
         deadline_ms = int(expires_at.timestamp() * 1000)
         for _ in range(5):
             outcome = await self.holds.reserve(
-                user_id, rid, amount, idempotency_key, deadline_ms, up_to=up_to
+                user_id, rid, amount, idempotency_key, deadline_ms, _ms(now), up_to=up_to
             )
             if outcome.status != -1:
                 break
@@ -508,83 +513,60 @@ class Ledger:
         if not _is_uuid(rid):
             raise NotFound("Unknown reservation.")
         now = self.clock()
-        expired = crossed = False
-        charged = 0
-        sync: _Sync | None = None
-        async with self.engine.begin() as conn:
-            res = await store.get_reservation(conn, rid, for_update=True)
-            if res is None:
-                raise NotFound("Unknown reservation.")
-            if res.status == "committed":
-                charged = int(res.charged or 0)
-            elif res.status in ("released", "expired"):
-                raise Conflict(f"Reservation {rid} was {res.status}; it can no longer be committed.")
-            elif res.expires_at <= now:
-                await store.lock_accounts_key_share(conn, [res.user_id])
-                await store.end_reservation(conn, rid, "expired", now)
-                expired = True
-                sync = _Sync(res.user_id, ended=(rid,))
-            else:
-                charged = res.amount if amount is None else amount
-                if charged > res.amount:
-                    raise InvalidRequest(f"amount {charged} exceeds the {res.amount} credits reserved.")
-                balance, version, crossed = await store.change_balance(
-                    conn,
-                    res.user_id,
-                    -charged,
-                    "usage",
-                    f"reservation:{rid}:commit",
-                    threshold=self.threshold,
-                    used=charged,
-                )
-                await store.end_reservation(conn, rid, "committed", now, charged=charged)
-                if crossed:
-                    await self._low_balance_event(conn, res.user_id, balance)
-                sync = _Sync(res.user_id, balance, version, ended=(rid,))
-        if expired:
-            metrics.CREDITS_EXPIRED.inc(res.amount)
-            await self._sync([sync] if sync else [])
+        low_event = BalanceLow(user_id="-", credits_remaining=0, threshold=self.threshold)
+        row = await store.commit_fast(
+            self.pool, rid, amount, now, self.threshold, orjson.dumps(low_event.body()).decode()
+        )
+        outcome = row["outcome"]
+        if outcome == "not_found":
+            raise NotFound("Unknown reservation.")
+        if outcome == "too_much":
+            raise InvalidRequest(f"amount {amount} exceeds the {row['amount']} credits reserved.")
+        user_id, reserved = row["user_id"], int(row["amount"])
+        if outcome in ("released", "expired"):
+            raise Conflict(f"Reservation {rid} was {outcome}; it can no longer be committed.")
+        if outcome == "expired_now":
+            metrics.CREDITS_EXPIRED.inc(reserved)
+            await self._sync([_Sync(user_id, ended=(rid,))])
             raise Conflict(f"Reservation {rid} expired; it can no longer be committed.")
+        charged = int(row["charged"] or 0)
         available: int | None = None
-        if sync is not None:
+        if outcome == "committed":
             metrics.CREDITS_COMMITTED.inc(charged)
-            metrics.CREDITS_RELEASED.inc(res.amount - charged)
-            if crossed:
+            metrics.CREDITS_RELEASED.inc(reserved - charged)
+            if row["crossed"]:
+                metrics.BALANCE_LOW_EVENTS.inc()
                 self._on_outbox()
             try:
                 available = await self.holds.apply(
-                    res.user_id, balance=sync.balance, version=sync.version, ended=sync.ended
+                    user_id, balance=int(row["balance"]), version=int(row["version"]), ended=(rid,)
                 )
             except Exception:
                 log.exception("syncing Redis after commit %s failed", rid)
         if available is None:
-            available, _ = await self.live(res.user_id)
-        return SettleResult(rid, charged, res.amount - charged, available)
+            available, _ = await self.live(user_id)
+        return SettleResult(rid, charged, reserved - charged, available)
 
     async def release(self, rid: str) -> SettleResult:
         if not _is_uuid(rid):
             raise NotFound("Unknown reservation.")
-        now = self.clock()
-        async with self.engine.begin() as conn:
-            res = await store.get_reservation(conn, rid, for_update=True)
-            if res is None:
-                raise NotFound("Unknown reservation.")
-            if res.status == "committed":
-                raise Conflict(f"Reservation {rid} was committed; it can no longer be released.")
-            ended_now = res.status == "held"
-            if ended_now:
-                await store.lock_accounts_key_share(conn, [res.user_id])
-                await store.end_reservation(conn, rid, "released", now)
+        row = await store.release_fast(self.pool, rid, self.clock())
+        outcome = row["outcome"]
+        if outcome == "not_found":
+            raise NotFound("Unknown reservation.")
+        if outcome == "committed":
+            raise Conflict(f"Reservation {rid} was committed; it can no longer be released.")
+        user_id, reserved = row["user_id"], int(row["amount"])
         available: int | None = None
-        if ended_now:
-            metrics.CREDITS_RELEASED.inc(res.amount)
+        if outcome == "released_now":
+            metrics.CREDITS_RELEASED.inc(reserved)
             try:
-                available = await self.holds.apply(res.user_id, ended=(rid,))
+                available = await self.holds.apply(user_id, ended=(rid,))
             except Exception:
                 log.exception("syncing Redis after release %s failed", rid)
         if available is None:
-            available, _ = await self.live(res.user_id)
-        return SettleResult(rid, 0, res.amount, available)
+            available, _ = await self.live(user_id)
+        return SettleResult(rid, 0, reserved, available)
 
     async def analytics(self) -> dict[str, Any]:
         async with self.engine.connect() as conn:
@@ -652,6 +634,10 @@ class Ledger:
 def valid_user_id(value: str) -> bool:
     """1-200 characters, no control characters (they would break logs, keys and headers)."""
     return 0 < len(value) <= 200 and value.isprintable()
+
+
+def _ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
 
 
 def _is_uuid(value: str) -> bool:

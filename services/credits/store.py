@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import asyncpg
 import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -167,12 +168,28 @@ async def open_holds_total(conn: AsyncConnection, user_id: str) -> int:
     )
 
 
-async def open_holds(conn: AsyncConnection, user_id: str) -> list[tuple[str, int, str | None]]:
+async def next_redis_epoch(conn: AsyncConnection, user_id: str) -> int:
+    return int(
+        (
+            await conn.execute(
+                text(
+                    "UPDATE accounts SET redis_epoch = redis_epoch + 1 WHERE user_id = :u RETURNING redis_epoch"
+                ),
+                {"u": user_id},
+            )
+        ).scalar_one()
+    )
+
+
+async def open_holds(conn: AsyncConnection, user_id: str) -> list[tuple[str, int, str | None, int]]:
+    """(reservation_id, amount, idempotency_key, deadline in ms since the epoch) of the open holds."""
     rows = await conn.execute(
-        text("SELECT id, amount, idempotency_key FROM reservations WHERE user_id = :u AND status = 'held'"),
+        text(
+            "SELECT id, amount, idempotency_key, expires_at FROM reservations WHERE user_id = :u AND status = 'held'"
+        ),
         {"u": user_id},
     )
-    return [(str(r.id), int(r.amount), r.idempotency_key) for r in rows]
+    return [(str(r.id), int(r.amount), r.idempotency_key, int(r.expires_at.timestamp() * 1000)) for r in rows]
 
 
 async def set_account_flags(conn: AsyncConnection, user_id: str, **values: Any) -> None:
@@ -245,30 +262,6 @@ async def ledger_sum(conn: AsyncConnection, user_id: str) -> int:
 # ---------------------------------------------------------------- reservations
 
 
-async def insert_holds(conn: AsyncConnection, holds: Sequence[NewHold]) -> set[str]:
-    """Inserts a batch of holds; returns the ids inserted (an idempotency-key clash inserts nothing)."""
-    rows = await conn.execute(
-        text(
-            """
-            INSERT INTO reservations (id, user_id, amount, idempotency_key, kind, expires_at)
-            SELECT * FROM unnest(CAST(:ids AS uuid[]), CAST(:users AS text[]), CAST(:amounts AS bigint[]),
-                                 CAST(:keys AS text[]), CAST(:kinds AS text[]), CAST(:expires AS timestamptz[]))
-            ON CONFLICT DO NOTHING
-            RETURNING id
-            """
-        ),
-        {
-            "ids": [h.id for h in holds],
-            "users": [h.user_id for h in holds],
-            "amounts": [h.amount for h in holds],
-            "keys": [h.idempotency_key for h in holds],
-            "kinds": [h.kind for h in holds],
-            "expires": [h.expires_at for h in holds],
-        },
-    )
-    return {str(r.id) for r in rows}
-
-
 async def get_reservation(
     conn: AsyncConnection, reservation_id: str, *, for_update: bool = False
 ) -> Reservation | None:
@@ -332,6 +325,45 @@ async def balances_of(conn: AsyncConnection, user_ids: Sequence[str]) -> dict[st
         {"u": list(user_ids)},
     )
     return {r.user_id: (int(r.balance), int(r.version)) for r in rows}
+
+
+# ---------------------------------------------------------------- hot path (raw asyncpg, one round trip each)
+# The functions live in migration 0002; they run the same statements as above as one server-side call.
+
+
+async def insert_holds_fast(conn: asyncpg.Connection, holds: Sequence[NewHold]) -> dict[str, int]:
+    """Inserts a batch of holds; returns {inserted id: the account's Redis epoch}. A hold whose
+    idempotency key already has a reservation is not inserted."""
+    rows = await conn.fetch(
+        "SELECT * FROM credits_insert_holds($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::text[],"
+        " $6::timestamptz[])",
+        [h.id for h in holds],
+        [h.user_id for h in holds],
+        [h.amount for h in holds],
+        [h.idempotency_key for h in holds],
+        [h.kind for h in holds],
+        [h.expires_at for h in holds],
+    )
+    return {str(r["hold_id"]): int(r["epoch"]) for r in rows}
+
+
+async def commit_fast(
+    pool: asyncpg.Pool, reservation_id: str, amount: int | None, now: datetime, threshold: int, low_event: str
+) -> Any:
+    """Returns (outcome, user_id, amount, charged, balance, version, crossed); see migration 0002."""
+    return await pool.fetchrow(
+        "SELECT * FROM credits_commit($1::uuid, $2, $3, $4, $5::jsonb)",
+        reservation_id,
+        amount,
+        now,
+        threshold,
+        low_event,
+    )
+
+
+async def release_fast(pool: asyncpg.Pool, reservation_id: str, now: datetime) -> Any:
+    """Returns (outcome, user_id, amount); see migration 0002."""
+    return await pool.fetchrow("SELECT * FROM credits_release($1::uuid, $2)", reservation_id, now)
 
 
 # ---------------------------------------------------------------- purchases

@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 from enum import Enum
 
-from sqlalchemy.ext.asyncio import AsyncEngine
+import asyncpg
 
 from services.credits import store
 from services.credits.holds import Holds
@@ -36,14 +36,17 @@ class _Pending:
 
 
 class HoldWriter:
-    def __init__(self, engine: AsyncEngine, holds: Holds, max_batch: int) -> None:
-        self._engine = engine
+    def __init__(self, pool: asyncpg.Pool, holds: Holds, max_batch: int) -> None:
+        self._pool = pool
         self._holds = holds
         self._max_batch = max_batch
         self._pending: list[_Pending] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        # The writer keeps its own connection: it must not queue for the pool behind the requests
+        # that are waiting for it.
+        self._conn: asyncpg.pool.PoolConnectionProxy | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="credits-hold-writer")
@@ -59,6 +62,13 @@ class HoldWriter:
             if not p.future.done():
                 p.future.set_exception(RuntimeError("service shutting down"))
         self._pending.clear()
+        await self._drop_connection()
+
+    async def _drop_connection(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await self._pool.release(self._conn)
+            self._conn = None
 
     async def persist(self, hold: NewHold, epoch: str) -> Persisted:
         if self._task is None or self._closing:
@@ -81,26 +91,42 @@ class HoldWriter:
 
     async def _write(self, batch: list[_Pending]) -> None:
         try:
-            async with self._engine.begin() as conn:
-                # KEY SHARE on the accounts: a concurrent rebuild (FOR UPDATE) either sees these holds or
-                # loads before them, and then confirm() below restores them.
-                await store.lock_accounts_key_share(conn, [p.hold.user_id for p in batch])
-                inserted = await store.insert_holds(conn, [p.hold for p in batch])
-            fresh = [p for p in batch if p.hold.id in inserted]
+            # The sweeper's index first: a hold that reaches PostgreSQL is always findable after its deadline.
+            await self._holds.index_deadlines(
+                [(p.hold.user_id, p.hold.id, int(p.hold.expires_at.timestamp() * 1000)) for p in batch]
+            )
+            if self._conn is None:
+                self._conn = await self._pool.acquire()
+            # One call: KEY SHARE on the accounts (a concurrent rebuild, FOR UPDATE, either sees these
+            # holds or loads before them, and then confirm() below restores them), then the insert.
+            inserted = await store.insert_holds_fast(self._conn, [p.hold for p in batch])
+            # Only a hold whose account was rebuilt since its reserve needs a look in Redis.
+            suspect = [p for p in batch if p.hold.id in inserted and str(inserted[p.hold.id]) != p.epoch]
             confirmed = await self._holds.confirm(
-                [(p.hold.user_id, p.hold.id, p.hold.amount, p.hold.idempotency_key, p.epoch) for p in fresh]
+                [
+                    (
+                        p.hold.user_id,
+                        p.hold.id,
+                        p.hold.amount,
+                        p.hold.idempotency_key,
+                        p.epoch,
+                        int(p.hold.expires_at.timestamp() * 1000),
+                    )
+                    for p in suspect
+                ]
             )
         except Exception as exc:
             log.exception("persisting %d holds failed", len(batch))
+            await self._drop_connection()
             for p in batch:
                 if not p.future.done():
                     p.future.set_exception(exc)
             return
-        ok = dict(zip((p.hold.id for p in fresh), confirmed, strict=True))
+        lost = {p.hold.id for p, ok in zip(suspect, confirmed, strict=True) if not ok}
         for p in batch:
             if p.future.done():
                 continue
-            if p.hold.id not in ok:
+            if p.hold.id not in inserted:
                 p.future.set_result(Persisted.DUPLICATE)
             else:
-                p.future.set_result(Persisted.OK if ok[p.hold.id] else Persisted.LOST)
+                p.future.set_result(Persisted.LOST if p.hold.id in lost else Persisted.OK)

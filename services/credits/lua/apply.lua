@@ -1,12 +1,12 @@
 -- Bring a loaded account in line with a committed PostgreSQL change (run after the commit).
--- KEYS[1]  credits:{<user_id>}:acct (fields as in reserve.lua)
+-- KEYS[1]  credits:{<user_id>}:acct, KEYS[2] credits:{<user_id>}:deadlines (as in reserve.lua)
 -- ARGV[1]  balance (credits) read from PostgreSQL together with ARGV[2], or "" to leave the balance alone
 -- ARGV[2]  account version of that balance, or ""
 -- ARGV[3..] reservation ids of holds that have ended (in PostgreSQL, or never got there)
 -- Holds leave by membership (a hold already gone is not subtracted twice) and the balance only moves
 -- forward in version, so applying the same change twice, late, or out of order is harmless.
 -- Returns available credits, or -1 when the account is not loaded (the next rebuild reads PostgreSQL).
-local acct = KEYS[1]
+local acct, deadlines = KEYS[1], KEYS[2]
 if redis.call('EXISTS', acct) == 0 then
   return -1
 end
@@ -24,6 +24,7 @@ for i = 3, #ARGV do
       redis.call('HDEL', acct, 'i:' .. key)
     end
   end
+  redis.call('ZREM', deadlines, rid)
 end
 if ARGV[2] ~= '' then
   local version = tonumber(redis.call('HGET', acct, 'v'))

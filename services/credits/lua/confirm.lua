@@ -1,10 +1,11 @@
 -- After a hold is persisted: if the account was rebuilt since the hold was placed (the epoch changed),
 -- the rebuild may have missed it; put it back if the credits are still available.
--- KEYS[1]  credits:{<user_id>}:acct (fields as in reserve.lua)
--- ARGV[1]  reservation id, ARGV[2] held credits, ARGV[3] idempotency key or "", ARGV[4] epoch seen by reserve
+-- KEYS[1]  credits:{<user_id>}:acct, KEYS[2] credits:{<user_id>}:deadlines (as in reserve.lua)
+-- ARGV[1]  reservation id, ARGV[2] held credits, ARGV[3] idempotency key or "", ARGV[4] epoch seen by
+--          reserve, ARGV[5] deadline (ms since epoch)
 -- Returns {1, available} when the hold stands (or the account is not loaded: the next rebuild reads
 -- the persisted hold), {0, available} when it could not be restored (the caller fails the reserve).
-local acct = KEYS[1]
+local acct, deadlines = KEYS[1], KEYS[2]
 if redis.call('EXISTS', acct) == 0 then
   return {1, -1}
 end
@@ -22,4 +23,5 @@ redis.call('HSET', acct, 'h:' .. ARGV[1], amount)
 if ARGV[3] ~= '' then
   redis.call('HSET', acct, 'i:' .. ARGV[3], ARGV[1], 'k:' .. ARGV[1], ARGV[3])
 end
+redis.call('ZADD', deadlines, ARGV[5], ARGV[1])
 return {1, available - amount}

@@ -1,0 +1,245 @@
+"""Reservation throughput: reserve+commit pairs per second.
+
+    .venv/bin/python -m bench.reservations [--seconds 5] [--concurrency 64] [--accounts 200]
+
+Measures, and prints as a table:
+  http / many accounts   one credits process (uvloop + httptools, as `python -m services.credits` runs),
+                         many concurrent keep-alive clients, each pair = POST reserve + POST commit
+  http / one hot account the same, every pair on one user
+  lua / many accounts    the Redis scripts alone (reserve.lua + apply.lua), concurrent callers
+  lua pipelined          the same, 100 pairs per pipeline round trip
+  lua / one hot account  concurrent callers on one user
+
+The service gets its own database (dropped afterwards) and Redis key namespace (deleted afterwards).
+The load generator is a minimal HTTP/1.1 client in this process, which shares the machine's cores with
+the service, PostgreSQL and Redis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import statistics
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import orjson
+import redis.asyncio as aioredis
+import uvloop
+
+from services.credits.holds import Holds
+from shared.db import drop_database
+from tests.support.servers import service_process
+
+INTERNAL = "dev-internal-token"
+ADMIN = "dev-admin-token"
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection; just enough client for JSON requests."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(
+        self, method: str, path: str, body: object = None, token: str = INTERNAL
+    ) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        payload = orjson.dumps(body) if body is not None else b""
+        head = (
+            f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nAuthorization: Bearer {token}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+        ).encode()
+        self.writer.write(head + payload)
+        assert self.reader is not None
+        raw = await self.reader.readuntil(b"\r\n\r\n")
+        lines = raw.split(b"\r\n")
+        status = int(lines[0].split(b" ", 2)[1])
+        length = 0
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        return status, await self.reader.readexactly(length)
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+@dataclass
+class Result:
+    name: str
+    pairs: int
+    seconds: float
+    latencies: list[float]
+    failures: int
+
+    def row(self) -> str:
+        rate = self.pairs / self.seconds if self.seconds else 0.0
+        lat = sorted(self.latencies) or [0.0]
+        p50 = lat[len(lat) // 2] * 1000
+        p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000
+        return f"| {self.name:<28} | {self.pairs:>8} | {rate:>10,.0f} | {p50:>8.2f} | {p99:>8.2f} | {self.failures:>6} |"
+
+
+async def run_loops(
+    name: str, concurrency: int, seconds: float, pair: Callable[[int], Awaitable[bool]]
+) -> Result:
+    latencies: list[float] = []
+    failures = 0
+    pairs = 0
+    stop = time.perf_counter() + seconds
+
+    async def loop(n: int) -> None:
+        nonlocal failures, pairs
+        while time.perf_counter() < stop:
+            started = time.perf_counter()
+            ok = await pair(n)
+            if ok:
+                pairs += 1
+                latencies.append(time.perf_counter() - started)
+            else:
+                failures += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(loop(n) for n in range(concurrency)))
+    return Result(name, pairs, time.perf_counter() - started, latencies, failures)
+
+
+async def http_bench(
+    url: str, accounts: list[str], hot: str, concurrency: int, seconds: float
+) -> list[Result]:
+    host, port = url.removeprefix("http://").split(":")
+    conns = [Connection(host, int(port)) for _ in range(concurrency)]
+
+    def pair_for(users: list[str]) -> Callable[[int], Awaitable[bool]]:
+        async def pair(n: int) -> bool:
+            c = conns[n]
+            user = users[random.randrange(len(users))]
+            status, body = await c.request("POST", "/v1/reservations", {"user_id": user, "amount": 1})
+            if status != 201:
+                return False
+            rid = orjson.loads(body)["reservation_id"]
+            status, _ = await c.request("POST", f"/v1/reservations/{rid}/commit", {})
+            return status == 200
+
+        return pair
+
+    # Warm up connections and the service's pools.
+    await run_loops("warm-up", concurrency, 1.0, pair_for(accounts))
+    results = [await run_loops("http / many accounts", concurrency, seconds, pair_for(accounts))]
+    results.append(await run_loops("http / one hot account", concurrency, seconds, pair_for([hot])))
+    for c in conns:
+        await c.close()
+    return results
+
+
+async def lua_bench(
+    redis_url: str, namespace: str, accounts: list[str], concurrency: int, seconds: float
+) -> list[Result]:
+    client = aioredis.from_url(redis_url, max_connections=concurrency + 8)
+    holds = Holds(client, 16, namespace)
+    for user in accounts:
+        await holds.load(user, 10**12, 1, [])
+    deadline = int(time.time() * 1000) + 3_600_000
+
+    def pair_for(users: list[str]) -> Callable[[int], Awaitable[bool]]:
+        async def pair(n: int) -> bool:
+            user = users[random.randrange(len(users))]
+            rid = uuid.uuid4().hex
+            out = await holds.reserve(user, rid, 1, None, deadline)
+            if out.status != 1:
+                return False
+            await holds.apply(user, ended=(rid,))
+            return True
+
+        return pair
+
+    async def pipelined(n: int) -> bool:
+        pipe = client.pipeline(transaction=False)
+        rids = []
+        for _ in range(100):
+            user = accounts[random.randrange(len(accounts))]
+            rid = uuid.uuid4().hex
+            rids.append((user, rid))
+            await holds._reserve(keys=[holds.account_key(user)], args=[rid, 1, "", "exact"], client=pipe)
+            await holds._apply(keys=[holds.account_key(user)], args=["", "", rid], client=pipe)
+        await pipe.execute()
+        return True
+
+    results = [await run_loops("lua / many accounts", concurrency, seconds, pair_for(accounts))]
+    piped = await run_loops("lua pipelined (x100)", 8, seconds, pipelined)
+    piped.pairs *= 100
+    piped.latencies = [x / 100 for x in piped.latencies]
+    results.append(piped)
+    results.append(await run_loops("lua / one hot account", concurrency, seconds, pair_for(accounts[:1])))
+    keys = [k async for k in client.scan_iter(match=f"{namespace}:*", count=1000)]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+    return results
+
+
+async def main(args: argparse.Namespace) -> None:
+    namespace = f"bench-{uuid.uuid4().hex[:6]}"
+    database_url = f"postgresql+asyncpg://postgres@127.0.0.1:5432/cp_bench_credits_{uuid.uuid4().hex[:6]}"
+    env = {
+        "DATABASE_URL": database_url,
+        "REDIS_URL": args.redis_url,
+        "REDIS_NAMESPACE": namespace,
+        "BROKER_NAMESPACE": namespace,
+        "LOG_LEVEL": "WARNING",
+        "DB_POOL_SIZE": str(args.db_pool),
+    }
+    accounts = [f"bench-{i}" for i in range(args.accounts)]
+    results: list[Result] = []
+    try:
+        with service_process("services.credits", env) as (url, _):
+            host, port = url.removeprefix("http://").split(":")
+            c = Connection(host, int(port))
+            for user in [*accounts, "bench-hot"]:
+                await c.request(
+                    "POST", f"/v1/admin/users/{user}/grants", {"credits": 10**12, "reason": "bench"}, ADMIN
+                )
+            await c.close()
+            results += await http_bench(url, accounts, "bench-hot", args.concurrency, args.seconds)
+        results += await lua_bench(
+            args.redis_url, namespace + "-lua", accounts, args.concurrency, args.seconds
+        )
+    finally:
+        await drop_database(database_url)
+        client = aioredis.from_url(args.redis_url)
+        keys = [k async for k in client.scan_iter(match=f"{namespace}:*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+    print(
+        f"\nreserve+commit pairs, {args.seconds:.0f} s each, concurrency {args.concurrency}, {os.cpu_count()} cores\n"
+    )
+    print(
+        f"| {'scenario':<28} | {'pairs':>8} | {'pairs/s':>10} | {'p50 ms':>8} | {'p99 ms':>8} | {'failed':>6} |"
+    )
+    print(f"|{'-' * 30}|{'-' * 10}|{'-' * 12}|{'-' * 10}|{'-' * 10}|{'-' * 8}|")
+    for r in results:
+        print(r.row())
+    _ = statistics  # percentiles are computed directly above
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--accounts", type=int, default=200)
+    parser.add_argument("--db-pool", type=int, default=20)
+    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    uvloop.run(main(parser.parse_args()))
