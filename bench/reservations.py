@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import os
 import random
-import statistics
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -74,6 +73,13 @@ class Connection:
             self.writer.close()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class Result:
     name: str
@@ -81,13 +87,22 @@ class Result:
     seconds: float
     latencies: list[float]
     failures: int
+    server_cpu: float | None = None  # CPU seconds the credits process used during the run
 
     def row(self) -> str:
         rate = self.pairs / self.seconds if self.seconds else 0.0
         lat = sorted(self.latencies) or [0.0]
         p50 = lat[len(lat) // 2] * 1000
         p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000
-        return f"| {self.name:<28} | {self.pairs:>8} | {rate:>10,.0f} | {p50:>8.2f} | {p99:>8.2f} | {self.failures:>6} |"
+        if self.server_cpu is not None and self.pairs:
+            per_pair = self.server_cpu / self.pairs * 1000
+            cpu = f"{per_pair:>9.3f} | {1000 / per_pair:>10,.0f}"
+        else:
+            cpu = f"{'-':>9} | {'-':>10}"
+        return (
+            f"| {self.name:<24} | {self.pairs:>7} | {rate:>8,.0f} | {p50:>7.2f} | {p99:>7.2f} | {cpu} |"
+            f" {self.failures:>6} |"
+        )
 
 
 async def run_loops(
@@ -115,7 +130,7 @@ async def run_loops(
 
 
 async def http_bench(
-    url: str, accounts: list[str], hot: str, concurrency: int, seconds: float
+    url: str, pid: int, accounts: list[str], hot: str, concurrency: int, seconds: float
 ) -> list[Result]:
     host, port = url.removeprefix("http://").split(":")
     conns = [Connection(host, int(port)) for _ in range(concurrency)]
@@ -135,8 +150,12 @@ async def http_bench(
 
     # Warm up connections and the service's pools.
     await run_loops("warm-up", concurrency, 1.0, pair_for(accounts))
-    results = [await run_loops("http / many accounts", concurrency, seconds, pair_for(accounts))]
-    results.append(await run_loops("http / one hot account", concurrency, seconds, pair_for([hot])))
+    results = []
+    for name, users in (("http / many accounts", accounts), ("http / one hot account", [hot])):
+        before = cpu_seconds(pid)
+        result = await run_loops(name, concurrency, seconds, pair_for(users))
+        result.server_cpu = cpu_seconds(pid) - before
+        results.append(result)
     for c in conns:
         await c.close()
     return results
@@ -148,14 +167,14 @@ async def lua_bench(
     client = aioredis.from_url(redis_url, max_connections=concurrency + 8)
     holds = Holds(client, 16, namespace)
     for user in accounts:
-        await holds.load(user, 10**12, 1, [])
+        await holds.load(user, 10**12, 1, 1, [])
     deadline = int(time.time() * 1000) + 3_600_000
 
     def pair_for(users: list[str]) -> Callable[[int], Awaitable[bool]]:
         async def pair(n: int) -> bool:
             user = users[random.randrange(len(users))]
             rid = uuid.uuid4().hex
-            out = await holds.reserve(user, rid, 1, None, deadline)
+            out = await holds.reserve(user, rid, 1, None, deadline, int(time.time() * 1000))
             if out.status != 1:
                 return False
             await holds.apply(user, ended=(rid,))
@@ -164,14 +183,17 @@ async def lua_bench(
         return pair
 
     async def pipelined(n: int) -> bool:
+        now_ms = int(time.time() * 1000)
         pipe = client.pipeline(transaction=False)
         rids = []
         for _ in range(100):
             user = accounts[random.randrange(len(accounts))]
             rid = uuid.uuid4().hex
             rids.append((user, rid))
-            await holds._reserve(keys=[holds.account_key(user)], args=[rid, 1, "", "exact"], client=pipe)
-            await holds._apply(keys=[holds.account_key(user)], args=["", "", rid], client=pipe)
+            await holds._reserve(
+                keys=holds.keys(user), args=[rid, 1, "", "exact", deadline, now_ms], client=pipe
+            )
+            await holds._apply(keys=holds.keys(user), args=["", "", rid], client=pipe)
         await pipe.execute()
         return True
 
@@ -202,7 +224,7 @@ async def main(args: argparse.Namespace) -> None:
     accounts = [f"bench-{i}" for i in range(args.accounts)]
     results: list[Result] = []
     try:
-        with service_process("services.credits", env) as (url, _):
+        with service_process("services.credits", env) as (url, proc):
             host, port = url.removeprefix("http://").split(":")
             c = Connection(host, int(port))
             for user in [*accounts, "bench-hot"]:
@@ -210,7 +232,7 @@ async def main(args: argparse.Namespace) -> None:
                     "POST", f"/v1/admin/users/{user}/grants", {"credits": 10**12, "reason": "bench"}, ADMIN
                 )
             await c.close()
-            results += await http_bench(url, accounts, "bench-hot", args.concurrency, args.seconds)
+            results += await http_bench(url, proc.pid, accounts, "bench-hot", args.concurrency, args.seconds)
         results += await lua_bench(
             args.redis_url, namespace + "-lua", accounts, args.concurrency, args.seconds
         )
@@ -225,12 +247,16 @@ async def main(args: argparse.Namespace) -> None:
         f"\nreserve+commit pairs, {args.seconds:.0f} s each, concurrency {args.concurrency}, {os.cpu_count()} cores\n"
     )
     print(
-        f"| {'scenario':<28} | {'pairs':>8} | {'pairs/s':>10} | {'p50 ms':>8} | {'p99 ms':>8} | {'failed':>6} |"
+        f"| {'scenario':<24} | {'pairs':>7} | {'pairs/s':>8} | {'p50 ms':>7} | {'p99 ms':>7} |"
+        f" {'cpu ms/pr':>9} | {'pairs/cpu-s':>10} | {'failed':>6} |"
     )
-    print(f"|{'-' * 30}|{'-' * 10}|{'-' * 12}|{'-' * 10}|{'-' * 10}|{'-' * 8}|")
+    print(f"|{'-' * 26}|{'-' * 9}|{'-' * 10}|{'-' * 9}|{'-' * 9}|{'-' * 11}|{'-' * 12}|{'-' * 8}|")
     for r in results:
         print(r.row())
-    _ = statistics  # percentiles are computed directly above
+    print(
+        "\ncpu ms/pr: CPU the credits process spent per pair; pairs/cpu-s: what one fully available core"
+        " would sustain at that cost (the machine's other load does not enter it)."
+    )
 
 
 if __name__ == "__main__":

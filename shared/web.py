@@ -10,6 +10,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import Response
+from fastapi.telemetry import TelemetryConfig
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -121,11 +122,14 @@ def create_service_app(
     max_body_bytes: int,
     lifespan: Any = None,
     title: str | None = None,
+    telemetry: TelemetryConfig | None = None,
 ) -> FastAPI:
     """A FastAPI app with the shared middleware, error envelope and probe routes.
 
     The service registers its readiness checks in `app.state.readiness_checks` (name → async callable
-    that raises when the dependency does not work) during its lifespan.
+    that raises when the dependency does not work) during its lifespan. `telemetry` is passed to
+    FastAPI (e.g. `{"tracing": False, "metrics": False, "logs": False}` skips its per-request
+    OpenTelemetry checks on a hot path; metrics come from Prometheus here).
     """
     app = FastAPI(
         title=title or f"credit-proxy {service}",
@@ -133,6 +137,7 @@ def create_service_app(
         default_response_class=JsonResponse,
         docs_url="/docs",
         redoc_url=None,
+        telemetry=telemetry,
     )
     app.state.readiness_checks = {}
     install_error_handlers(app)

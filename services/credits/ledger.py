@@ -442,14 +442,14 @@ class Ledger:
             raise ServiceUnavailable("Could not load the balance; try again.")
         if outcome.status == 0:
             if count_metrics:
-                metrics.RESERVATIONS.labels("insufficient").inc()
+                metrics.RESERVATIONS_INSUFFICIENT.inc()
             raise InsufficientCredits()
         if outcome.status == 2:
             assert outcome.existing_id is not None
             existing = await self._await_reservation(outcome.existing_id)
             available, _ = await self.live(user_id)
             if count_metrics:
-                metrics.RESERVATIONS.labels("replayed").inc()
+                metrics.RESERVATIONS_REPLAYED.inc()
             return ReserveResult(existing, available)
         if outcome.held == 0:
             return None  # up_to with nothing available
@@ -474,10 +474,10 @@ class Ledger:
                 await store.end_reservation(conn, rid, "released", self.clock())
             await self._sync([_Sync(user_id, ended=(rid,))])
             if count_metrics:
-                metrics.RESERVATIONS.labels("insufficient").inc()
+                metrics.RESERVATIONS_INSUFFICIENT.inc()
             raise InsufficientCredits()
         if count_metrics:
-            metrics.RESERVATIONS.labels("held").inc()
+            metrics.RESERVATIONS_HELD.inc()
             metrics.CREDITS_RESERVED.inc(outcome.held)
         reservation = Reservation(
             rid, user_id, outcome.held, idempotency_key, kind, "held", None, expires_at, now

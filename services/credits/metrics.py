@@ -19,3 +19,8 @@ REDIS_REBUILDS = Counter("credits_redis_rebuilds_total", "Per-user Redis state r
 ORPHAN_HOLDS_DROPPED = Counter(
     "credits_orphan_holds_dropped_total", "Redis-only holds dropped by the sweeper"
 )
+
+# Children resolved once: labels() costs a dictionary lookup under a lock on every call.
+RESERVATIONS_HELD = RESERVATIONS.labels("held")
+RESERVATIONS_INSUFFICIENT = RESERVATIONS.labels("insufficient")
+RESERVATIONS_REPLAYED = RESERVATIONS.labels("replayed")

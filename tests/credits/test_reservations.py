@@ -141,3 +141,13 @@ async def test_unknown_reservation_and_user(client: httpx.AsyncClient, credits: 
     assert_envelope(await client.post(f"/v1/reservations/{missing}/commit"), 404, "not_found")
     assert_envelope(await client.post(f"/v1/reservations/{missing}/release"), 404, "not_found")
     assert_envelope(await client.post("/v1/reservations/not-a-uuid/commit"), 404, "not_found")
+
+
+async def test_metrics_label_requests_by_route_template(client: httpx.AsyncClient, user_id: str) -> None:
+    await new_user(client, user_id)
+    rid = (await reserve(client, user_id, 1)).json()["reservation_id"]
+    await client.post(f"/v1/reservations/{rid}/commit")
+    text = (await client.get("/metrics")).text
+    assert 'route="/v1/reservations/{reservation_id}/commit"' in text
+    assert rid not in text  # one series per route, not per reservation
+    assert "credits_reserved_total" in text and "credits_committed_total" in text
