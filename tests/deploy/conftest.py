@@ -39,6 +39,13 @@ CONTRACT_ENV = frozenset(
         "LOW_BALANCE_THRESHOLD",
         "RESERVATION_TTL_SECONDS",
         "AUTO_MIGRATE",
+        # Additions of ours (the contract allows adding), documented in the README's configuration table.
+        "PORTAL_URL",
+        "PUBLIC_BASE_URL",
+        "BILLING_PUBLIC_URL",
+        "BROKER_NAMESPACE",
+        "LOG_LEVEL",
+        "LOG_JSON",
     }
 )
 
