@@ -1,4 +1,23 @@
-"""AMQP entrypoint: billing's purchase and refund events → the ledger (exactly once per purchase_id)."""
+"""AMQP entrypoint: billing's purchase and refund events → the ledger (exactly once per purchase_id).
+
+Queue `credits.billing-events` (suffixed by the broker namespace), bound to `billing.pack.purchased`
+and `billing.pack.refunded`.
+
+- A purchase is applied once per purchase_id: the `purchases` row (primary key purchase_id) and the
+  ledger entry `purchase:<purchase_id>` are written in the same transaction as the balance change and
+  the outbox rows of `credits.purchase.applied` / `credits.api_access.unlocked` / `credits.balance.low`.
+  A replay finds the row and changes nothing. A new user gets an account with its signup credits first.
+- `credits` in `billing.pack.refunded` is CUMULATIVE: the credits refunded for that purchase so far
+  (billing derives it from Stripe's `charge.refunded`, whose `amount_refunded` is cumulative). Credits
+  claws back the difference between it and what it has already accounted for (ledger
+  `refund_clawback`, reference `refund:<purchase_id>:<cumulative>`), as far as the available balance
+  allows; the rest is recorded as `credits_owed`, which later purchases pay first (ledger
+  `refund_clawback`, reference `debt:<purchase_id>`). A replay or a stale, smaller cumulative value
+  changes nothing. A refund that arrives before its purchase is retried (the queue's delivery limit
+  dead-letters it if the purchase never comes).
+- A message that is not JSON or does not validate is a PoisonMessage: it goes to the dead-letter queue
+  at once and the next message is processed normally.
+"""
 
 from __future__ import annotations
 

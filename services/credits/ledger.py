@@ -25,7 +25,7 @@ from services.credits import metrics, store
 from services.credits.config import CreditsSettings
 from services.credits.holds import Holds
 from services.credits.store import NewHold, Reservation
-from services.credits.writer import HoldWriter, Persisted
+from services.credits.writer import CommitWriter, HoldWriter, Persisted
 from shared.errors import Conflict, InsufficientCredits, InvalidRequest, NotFound, ServiceUnavailable
 from shared.events import ApiAccessUnlocked, BalanceLow, PackPurchased, PackRefunded, PurchaseApplied
 
@@ -109,13 +109,26 @@ class Ledger:
         self.clock = clock
         self._on_outbox = on_outbox
         self.writer = HoldWriter(pool, holds, settings.hold_batch_max)
+        self.commits = CommitWriter(pool, settings.low_balance_threshold, settings.hold_batch_max)
+        # A commit that crosses the low-balance threshold writes this event (with its user_id and
+        # credits_remaining filled in) to the outbox in the same transaction; built from the model once.
+        self._low_event_template = BalanceLow(
+            user_id="-", credits_remaining=0, threshold=self.threshold
+        ).body()
         self._rebuilds: dict[str, asyncio.Future[None]] = {}
 
     async def start(self) -> None:
         self.writer.start()
+        self.commits.start()
 
     async def close(self) -> None:
         await self.writer.close()
+        await self.commits.close()
+
+    def _low_event(self, now: datetime) -> str:
+        return orjson.dumps(
+            {**self._low_event_template, "event_id": str(uuid.uuid4()), "occurred_at": now.isoformat()}
+        ).decode()
 
     @property
     def threshold(self) -> int:
@@ -510,13 +523,9 @@ class Ledger:
         return found
 
     async def commit(self, rid: str, amount: int | None) -> SettleResult:
-        if not _is_uuid(rid):
-            raise NotFound("Unknown reservation.")
+        rid = _canonical_uuid(rid)
         now = self.clock()
-        low_event = BalanceLow(user_id="-", credits_remaining=0, threshold=self.threshold)
-        row = await store.commit_fast(
-            self.pool, rid, amount, now, self.threshold, orjson.dumps(low_event.body()).decode()
-        )
+        row = await self.commits.commit(rid, amount, now, self._low_event(now))
         outcome = row["outcome"]
         if outcome == "not_found":
             raise NotFound("Unknown reservation.")
@@ -548,8 +557,7 @@ class Ledger:
         return SettleResult(rid, charged, reserved - charged, available)
 
     async def release(self, rid: str) -> SettleResult:
-        if not _is_uuid(rid):
-            raise NotFound("Unknown reservation.")
+        rid = _canonical_uuid(rid)
         row = await store.release_fast(self.pool, rid, self.clock())
         outcome = row["outcome"]
         if outcome == "not_found":
@@ -638,6 +646,13 @@ def valid_user_id(value: str) -> bool:
 
 def _ms(moment: datetime) -> int:
     return int(moment.timestamp() * 1000)
+
+
+def _canonical_uuid(value: str) -> str:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise NotFound("Unknown reservation.") from None
 
 
 def _is_uuid(value: str) -> bool:

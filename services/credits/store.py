@@ -361,6 +361,28 @@ async def commit_fast(
     )
 
 
+async def commit_batch_fast(
+    conn: asyncpg.Connection,
+    ids: Sequence[str],
+    amounts: Sequence[int | None],
+    now: datetime,
+    threshold: int,
+    low_events: Sequence[str],
+) -> list[Any]:
+    """One row per id (in lock order, not input order): (reservation_id, outcome, user_id, amount,
+    charged, balance, version, crossed); see migrations 0002 and 0003."""
+    return list(
+        await conn.fetch(
+            "SELECT * FROM credits_commit_batch($1::uuid[], $2::bigint[], $3, $4, $5::jsonb[])",
+            list(ids),
+            list(amounts),
+            now,
+            threshold,
+            list(low_events),
+        )
+    )
+
+
 async def release_fast(pool: asyncpg.Pool, reservation_id: str, now: datetime) -> Any:
     """Returns (outcome, user_id, amount); see migration 0002."""
     return await pool.fetchrow("SELECT * FROM credits_release($1::uuid, $2)", reservation_id, now)
