@@ -182,20 +182,22 @@ async def lua_bench(
 
         return pair
 
+    reserve_sha = holds._reserve.sha
+    apply_sha = holds._apply.sha
+    await client.script_load(holds._reserve.script)
+    await client.script_load(holds._apply.script)
+
     async def pipelined(n: int) -> bool:
+        # 100 reserve+apply pairs per round trip, as raw EVALSHA commands.
         now_ms = int(time.time() * 1000)
         pipe = client.pipeline(transaction=False)
-        rids = []
         for _ in range(100):
-            user = accounts[random.randrange(len(accounts))]
+            acct, dl = holds.keys(accounts[random.randrange(len(accounts))])
             rid = uuid.uuid4().hex
-            rids.append((user, rid))
-            await holds._reserve(
-                keys=holds.keys(user), args=[rid, 1, "", "exact", deadline, now_ms], client=pipe
-            )
-            await holds._apply(keys=holds.keys(user), args=["", "", rid], client=pipe)
-        await pipe.execute()
-        return True
+            pipe.execute_command("EVALSHA", reserve_sha, 2, acct, dl, rid, 1, "", "exact", deadline, now_ms)
+            pipe.execute_command("EVALSHA", apply_sha, 2, acct, dl, "", "", rid)
+        replies = await pipe.execute()
+        return all(int(r[0]) == 1 for r in replies[0::2])
 
     results = [await run_loops("lua / many accounts", concurrency, seconds, pair_for(accounts))]
     piped = await run_loops("lua pipelined (x100)", 8, seconds, pipelined)
