@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import random
 import time
@@ -26,6 +27,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import aio_pika
 import orjson
 import redis.asyncio as aioredis
 import uvloop
@@ -212,14 +214,29 @@ async def lua_bench(
     return results
 
 
+async def delete_broker_namespace(url: str, namespace: str) -> None:
+    """The service declared durable queues and exchanges under this run's namespace; remove them."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        for queue in ("credits.billing-events", "credit_proxy.dead_letters"):
+            channel = await connection.channel()
+            with contextlib.suppress(Exception):
+                await channel.queue_delete(f"{queue}.{namespace}")
+        for exchange in ("credit_proxy.events", "credit_proxy.dlx"):
+            channel = await connection.channel()
+            with contextlib.suppress(Exception):
+                await channel.exchange_delete(f"{exchange}.{namespace}")
+
+
 async def main(args: argparse.Namespace) -> None:
-    namespace = f"bench-{uuid.uuid4().hex[:6]}"
+    namespace = f"rbench-{uuid.uuid4().hex[:6]}"
     database_url = f"postgresql+asyncpg://postgres@127.0.0.1:5432/cp_bench_credits_{uuid.uuid4().hex[:6]}"
     env = {
         "DATABASE_URL": database_url,
         "REDIS_URL": args.redis_url,
         "REDIS_NAMESPACE": namespace,
         "BROKER_NAMESPACE": namespace,
+        "RABBITMQ_URL": args.rabbitmq_url,
         "LOG_LEVEL": "WARNING",
         "DB_POOL_SIZE": str(args.db_pool),
     }
@@ -240,6 +257,7 @@ async def main(args: argparse.Namespace) -> None:
         )
     finally:
         await drop_database(database_url)
+        await delete_broker_namespace(args.rabbitmq_url, namespace)
         client = aioredis.from_url(args.redis_url)
         keys = [k async for k in client.scan_iter(match=f"{namespace}:*", count=1000)]
         if keys:
@@ -270,4 +288,7 @@ if __name__ == "__main__":
     parser.add_argument("--accounts", type=int, default=200)
     parser.add_argument("--db-pool", type=int, default=20)
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    parser.add_argument(
+        "--rabbitmq-url", default=os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
+    )
     uvloop.run(main(parser.parse_args()))
