@@ -13,7 +13,8 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from redis.exceptions import RedisError
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -28,6 +29,8 @@ from services.credits.outbox import OutboxRelay
 from services.credits.sweeper import Sweeper
 from shared.broker import Publisher, Topology, connect, consume
 from shared.db import ensure_database, migrate
+from shared.errors import ServiceUnavailable, error_response
+from shared.responses import JsonResponse
 from shared.web import create_service_app
 
 log = logging.getLogger("credits.app")
@@ -193,6 +196,14 @@ def create_app(settings: CreditsSettings, *, clock: Clock = utcnow) -> FastAPI:
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
+
+    async def dependency_down(request: Request, exc: Exception) -> JsonResponse:
+        # Redis or PostgreSQL unreachable: nothing was acknowledged, the caller may retry.
+        log.warning("%s %s: dependency unavailable: %r", request.method, request.url.path, exc)
+        return error_response(503, "service_unavailable", ServiceUnavailable.default_message)
+
+    for exc_type in (RedisError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError):
+        app.add_exception_handler(exc_type, dependency_down)
     # The hot routes go first so that routing tries them before the rest.
     app.router.routes[0:0] = hot_routes
     app.include_router(internal)
