@@ -372,59 +372,50 @@ class Ledger:
         return not replay
 
     async def apply_refund(self, event: PackRefunded) -> bool:
-        """`event.credits` is cumulative for the purchase; claws back the part not yet accounted for."""
-        async with self.engine.connect() as conn:
-            purchase = await store.get_purchase(conn, event.purchase_id)
-        if purchase is None:
-            raise PurchaseNotYetApplied(event.purchase_id)
-        user_id = purchase.user_id
-        cumulative = min(event.credits, int(purchase.credits))
-        if cumulative <= int(purchase.refunded_credits):
-            return False
-        reference = f"refund:{event.purchase_id}:{cumulative}"
-        # The claw-back takes credits through a hold, so it can never race a concurrent reserve into a
-        # negative available balance; what is not available becomes debt.
-        want = cumulative - int(purchase.refunded_credits)
-        hold = await self.reserve(
-            user_id, want, reference, ttl_seconds=300, up_to=True, kind="clawback", count_metrics=False
-        )
-        now = self.clock()
+        """`event.credits` is cumulative for the purchase; claws back the part not yet accounted for.
+
+        The purchase row stays locked from the first read to the commit, so concurrent deliveries of
+        refunds for one purchase run one after another. The claw-back takes credits through a hold,
+        so it can never race a concurrent reserve into a negative available balance; what is not
+        available becomes debt (`credits_owed`).
+        """
         async with self.engine.begin() as conn:
             purchase = await store.get_purchase(conn, event.purchase_id, for_update=True)
-            assert purchase is not None
+            if purchase is None:
+                raise PurchaseNotYetApplied(event.purchase_id)
+            user_id = purchase.user_id
+            cumulative = min(event.credits, int(purchase.credits))
             want = cumulative - int(purchase.refunded_credits)
-            reservation = (
-                await store.get_reservation(conn, hold.reservation.id, for_update=True) if hold else None
-            )
             if want <= 0:
-                if reservation is not None and reservation.status == "held":
-                    await store.lock_accounts_key_share(conn, [user_id])
-                    await store.end_reservation(conn, reservation.id, "released", now)
-                sync = _Sync(user_id, ended=(reservation.id,) if reservation else ())
-                applied = False
+                return False  # a replay, or a stale (smaller) cumulative value
+            reference = f"refund:{event.purchase_id}:{cumulative}"
+            # The hold is persisted by the hold writer on its own connection (it does not touch the
+            # locked purchase). A hold left by an attempt that dies here simply expires.
+            hold = await self.reserve(
+                user_id, want, None, ttl_seconds=300, up_to=True, kind="clawback", count_metrics=False
+            )
+            now = self.clock()
+            take = 0
+            balance = version = None
+            if hold is not None:
+                take = hold.reservation.amount
+                balance, version, crossed = await store.change_balance(
+                    conn, user_id, -take, "refund_clawback", reference, threshold=self.threshold
+                )
+                await store.end_reservation(conn, hold.reservation.id, "committed", now, charged=take)
+                if crossed:
+                    await self._low_balance_event(conn, user_id, balance)
             else:
-                take = 0
-                balance = version = None
-                if reservation is not None and reservation.status == "held":
-                    take = min(reservation.amount, want)
-                    balance, version, crossed = await store.change_balance(
-                        conn, user_id, -take, "refund_clawback", reference, threshold=self.threshold
-                    )
-                    await store.end_reservation(conn, reservation.id, "committed", now, charged=take)
-                    if crossed:
-                        await self._low_balance_event(conn, user_id, balance)
-                else:
-                    await store.get_account(conn, user_id, lock="update")
-                owed = want - take
-                if owed:
-                    await store.add_owed(conn, user_id, owed)
-                await store.update_purchase_refund(conn, event.purchase_id, cumulative, take, owed)
-                sync = _Sync(user_id, balance, version, ended=(reservation.id,) if reservation else ())
-                applied = True
+                await store.get_account(conn, user_id, lock="update")
+            owed = want - take
+            if owed:
+                await store.add_owed(conn, user_id, owed)
+            await store.update_purchase_refund(conn, event.purchase_id, cumulative, take, owed)
+            sync = _Sync(user_id, balance, version, ended=(hold.reservation.id,) if hold else ())
         metrics.REFUNDS_APPLIED.inc()
         self._on_outbox()
         await self._sync([sync])
-        return applied
+        return True
 
     # ------------------------------------------------------------ holds
 
