@@ -14,6 +14,12 @@ unchanged on Redis Cluster):
   of persisted holds, written once per group commit; the sweeper walks them after the deadline to bring
   Redis back in line with PostgreSQL where a post-commit sync was lost (e.g. the process died after a
   PostgreSQL commit). Several shards so that no single key (or Cluster slot) takes every write.
+  Entries leave at their deadline (not at commit, which would cost a command per commit), so the index
+  holds about reserve rate x TTL members.
+
+Every script touches only the two keys of one user (one hash slot). The client here is a standalone
+`redis.asyncio.Redis`; on Redis Cluster the same keys and scripts run with `RedisCluster`, whose
+non-transactional pipelines (used for the index and `confirm`) split by slot.
 """
 
 from __future__ import annotations

@@ -151,3 +151,16 @@ async def test_metrics_label_requests_by_route_template(client: httpx.AsyncClien
     assert 'route="/v1/reservations/{reservation_id}/commit"' in text
     assert rid not in text  # one series per route, not per reservation
     assert "credits_reserved_total" in text and "credits_committed_total" in text
+
+
+async def test_get_reservation_shows_its_state(client: httpx.AsyncClient, user_id: str) -> None:
+    await new_user(client, user_id)
+    rid = (await reserve(client, user_id, 3)).json()["reservation_id"]
+    r = await client.get(f"/v1/reservations/{rid}")
+    assert r.json()["status"] == "held" and r.json()["amount"] == 3 and r.json()["charged"] is None
+    await client.post(f"/v1/reservations/{rid}/commit", json={"amount": 2})
+    r = await client.get(f"/v1/reservations/{rid}")
+    assert r.json()["status"] == "committed" and r.json()["charged"] == 2
+    # Reservation ids are UUIDs in any spelling; the answer uses the canonical one.
+    upper = await client.post(f"/v1/reservations/{rid.upper()}/commit")
+    assert upper.status_code == 200 and upper.json()["reservation_id"] == rid and upper.json()["charged"] == 2
