@@ -61,7 +61,9 @@ class RequestContextMiddleware:
         finally:
             elapsed = time.perf_counter() - started
             route = scope.get("route")
-            path = getattr(route, "path", None) or ("unmatched" if status == 404 else scope["path"])
+            # Only a route template may be a label value: a response given before routing (404,
+            # trailing-slash redirect, 413 on the declared length) must not mint a series per URL.
+            path = getattr(route, "path", None) or "unmatched"
             HTTP_LATENCY.labels(self.service, scope["method"], path, str(status)).observe(elapsed)
             if scope["path"] not in _PROBE_PATHS:
                 access_log.info(
