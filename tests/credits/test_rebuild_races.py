@@ -87,3 +87,28 @@ async def test_hold_whose_credits_were_taken_meanwhile_is_refused(
         "SELECT amount, status FROM reservations WHERE user_id = $1 ORDER BY amount", user_id
     )
     assert [(r["amount"], r["status"]) for r in rows] == [(7, "released"), (8, "held")]
+
+
+async def test_commit_sync_arriving_after_a_rebuild_changes_nothing(runtime: Runtime, user_id: str) -> None:
+    """The commit is in PostgreSQL, its Redis sync is late, and a rebuild lands in between: the late
+    sync must neither charge again (version compare) nor free the hold twice (membership)."""
+    ledger = runtime.ledger
+    await ledger.create_user(user_id)
+    held = await ledger.reserve(user_id, 5, None)
+    assert held is not None
+    gate = asyncio.Event()
+    apply = ledger.holds.apply
+
+    async def late_apply(*args: Any, **kwargs: Any) -> int | None:
+        await gate.wait()
+        return await apply(*args, **kwargs)
+
+    ledger.holds.apply = late_apply  # type: ignore[method-assign]
+    committing = asyncio.create_task(ledger.commit(held.reservation.id, 3))
+    await asyncio.sleep(0.3)  # committed in PostgreSQL; the sync waits
+    ledger.holds.apply = apply  # type: ignore[method-assign]
+    assert await wipe_and_rebuild(runtime, user_id) == (7, 0)
+    gate.set()
+    result = await committing
+    assert result.charged == 3 and result.available == 7
+    assert await ledger.live(user_id) == (7, 0)
