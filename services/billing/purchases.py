@@ -12,7 +12,9 @@ Rules (CONTRACT §5.2, §7):
 - Refunds: `charge.refunded` carries Stripe's cumulative `amount_refunded`; the credits to claw back are
   floor(credits * amount_refunded / amount), also cumulative. `billing.pack.refunded.credits` is that
   cumulative total; the credits service claws back the difference from what it already took back for
-  the purchase. A message goes out only when the cumulative credits grew.
+  the purchase. A message goes out only when the cumulative credits grew. A refund that arrives while
+  the purchase is still pending (Stripe does not order its events) is kept on the row and applied in
+  the transaction that credits it.
 - API unlock is not revoked by a refund: CONTRACT §4/§5.1 make `unlocks_api` a permanent property of
   the account once a qualifying pack was bought, and the credits (usage) are what a refund takes back.
 """
@@ -305,6 +307,10 @@ class PurchaseBook:
             paid.user_id,
             extra={"fields": {"purchase_id": paid.purchase_id, "user_id": paid.user_id}},
         )
+        if paid.amount_refunded_cents > 0:
+            # A refund that arrived before the payment (see `_charge_refunded`): its claw-back
+            # follows the purchase, in the same transaction and in order.
+            await self._record_refund(paid, paid.amount_refunded_cents, paid.amount_cents, None)
         return Outcome("credited", paid.purchase_id)
 
     # -- refunds -----------------------------------------------------------------------------------
@@ -327,14 +333,33 @@ class PurchaseBook:
         if purchase is None:
             log.warning("charge %s refunded, but no purchase matches it; ignored", charge.get("id"))
             return Outcome("ignored_unknown_charge")
-        if purchase.status not in CREDITED:
-            log.warning("refund for purchase %s in status %s; ignored", purchase.purchase_id, purchase.status)
-            return Outcome(f"ignored_{purchase.status}", purchase.purchase_id)
         amount = _int(charge.get("amount")) or purchase.amount_cents
         amount_refunded = _int(charge.get("amount_refunded")) or 0
+        if purchase.status not in CREDITED and purchase.status != Status.PENDING:
+            log.warning("refund for purchase %s in status %s; ignored", purchase.purchase_id, purchase.status)
+            return Outcome(f"ignored_{purchase.status}", purchase.purchase_id)
         if amount_refunded <= purchase.amount_refunded_cents:
             # An older (smaller) cumulative figure arriving late, or a repeat: nothing new.
             return Outcome("refund_already_recorded", purchase.purchase_id)
+        if purchase.status == Status.PENDING:
+            # Stripe delivers events in any order: the payment event of this refunded charge is still
+            # on its way (or waits for reconcile). Keep the refund on the purchase; `_credit` applies
+            # it when the purchase is credited. Acknowledging without keeping it would lose it.
+            changes: dict[str, Any] = {"amount_refunded_cents": amount_refunded}
+            if intent and purchase.stripe_payment_intent_id is None:
+                changes["stripe_payment_intent_id"] = intent
+            await self.store.update_purchase(purchase.purchase_id, **changes)
+            log.warning(
+                "refund for purchase %s arrived before its payment; applied once it is credited",
+                purchase.purchase_id,
+            )
+            return Outcome("refund_recorded_before_payment", purchase.purchase_id)
+        return await self._record_refund(purchase, amount_refunded, amount, intent)
+
+    async def _record_refund(
+        self, purchase: Purchase, amount_refunded: int, amount: int, intent: str | None
+    ) -> Outcome:
+        """Moves a credited purchase to its cumulative refund; enqueues a message when credits grew."""
         credits_back = max(
             purchase.credits_refunded, refunded_credits(purchase.credits, amount_refunded, amount)
         )
