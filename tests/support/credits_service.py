@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI
+from sqlalchemy.engine import make_url
 
 from services.credits.app import create_app
 from services.credits.config import CreditsSettings
@@ -73,6 +74,9 @@ def credits_settings(
         "rabbitmq_url": DEFAULT_RABBITMQ_URL,
         "log_json": False,
         "sweep_interval_seconds": 0.2,
+        # Redis mirrors one PostgreSQL database: tie the key namespace to it, so two credits services of
+        # one test run (each with its own database) never sweep or rebuild each other's keys.
+        "redis_namespace": f"credits-{make_url(database_url).database}",
     }
     values.update(overrides)
     return CreditsSettings(**values)
