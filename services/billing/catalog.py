@@ -19,9 +19,10 @@ class Pack(BaseModel):
 
     id: str = Field(min_length=1, max_length=100, pattern=r"^[a-z0-9][a-z0-9_-]*$")
     name: str = Field(min_length=1, max_length=200)
-    price_cents: int = Field(gt=0, le=100_000_000)
+    # Strict: lax mode would read `credits: true` as a 1-credit pack.
+    price_cents: int = Field(gt=0, le=100_000_000, strict=True)
     currency: str = Field(min_length=3, max_length=3)
-    credits: int = Field(gt=0, le=10**12)
+    credits: int = Field(gt=0, le=10**12, strict=True)
     unlocks_api: bool = False
     badge: str | None = Field(default=None, max_length=100)
 
@@ -29,7 +30,7 @@ class Pack(BaseModel):
     @classmethod
     def _lower_currency(cls, value: str) -> str:
         # Stripe's currency codes are lowercase ISO 4217.
-        if not value.isalpha():
+        if not (value.isascii() and value.isalpha()):
             raise ValueError("currency must be a three-letter ISO code")
         return value.lower()
 
