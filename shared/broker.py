@@ -119,9 +119,14 @@ def event_message(event: Event) -> aio_pika.Message:
 class Publisher:
     """Publishes on a confirm-mode channel: `publish` returns only once the broker has the message."""
 
-    def __init__(self, connection: AbstractRobustConnection, topology: Topology) -> None:
+    def __init__(
+        self, connection: AbstractRobustConnection, topology: Topology, *, on_return_raises: bool = False
+    ) -> None:
         self._connection = connection
         self._topology = topology
+        # Messages are published mandatory; with this set, one that no queue takes raises PublishError
+        # instead of being confirmed and dropped (for messages that must reach a consumer).
+        self._on_return_raises = on_return_raises
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
         self._lock = asyncio.Lock()
@@ -131,7 +136,9 @@ class Publisher:
             return self._exchange
         async with self._lock:
             if self._exchange is None or self._channel is None or self._channel.is_closed:
-                self._channel = await self._connection.channel(publisher_confirms=True)
+                self._channel = await self._connection.channel(
+                    publisher_confirms=True, on_return_raises=self._on_return_raises
+                )
                 self._exchange = await declare_topology(self._channel, self._topology)
         assert self._exchange is not None
         return self._exchange

@@ -7,6 +7,9 @@ table without publishing a row twice at once), publishes them in order on a conf
 marks them sent only after the broker confirmed. When the broker is unreachable the rows simply wait,
 the relay retries with exponential backoff, and the service keeps answering requests.
 
+With `require_route`, a message the broker returns as unroutable (no queue bound to its routing key)
+counts as not published: the row stays pending and is retried, rather than confirmed and lost.
+
 Delivery is at least once: a crash between the broker's confirm and the `sent_at` update republishes
 the row, with the same `message_id` (= `event_id`), which consumers deduplicate.
 
@@ -25,6 +28,7 @@ from typing import Any
 
 import orjson
 from aio_pika.abc import AbstractRobustConnection
+from aio_pika.exceptions import PublishError
 from prometheus_client import Counter, Gauge
 from sqlalchemy import text
 from sqlalchemy.engine import Row
@@ -122,6 +126,7 @@ class OutboxRelay:
         batch_size: int = 100,
         min_backoff: float = 0.2,
         max_backoff: float = 30.0,
+        require_route: bool = False,
     ) -> None:
         self._engine = engine
         self._broker_url = broker_url
@@ -132,6 +137,8 @@ class OutboxRelay:
         self._batch_size = batch_size
         self._min_backoff = min_backoff
         self._max_backoff = max_backoff
+        # A row no queue would receive stays pending (retried) instead of being confirmed and dropped.
+        self._require_route = require_route
         self._connection: AbstractRobustConnection | None = None
         self._publisher: Publisher | None = None
         self._wakeup = asyncio.Event()
@@ -206,12 +213,16 @@ class OutboxRelay:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self._healthy = False
+                # A returned message (no queue bound yet) means the broker itself works: stay ready
+                # and connected, and retry the row.
+                unroutable = isinstance(exc, PublishError)
+                self._healthy = unroutable
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 OUTBOX_FAILURES.labels(self._table).inc()
                 backoff = min(max(backoff * 2, self._min_backoff), self._max_backoff)
                 log.warning("outbox relay round failed (%s); retrying in %.1fs", self.last_error, backoff)
-                await self._disconnect()
+                if not unroutable:
+                    await self._disconnect()
             await self._update_metrics()
             if backoff:
                 # While failing, only a new broker URL cuts the wait short: new rows must not turn the
@@ -242,7 +253,9 @@ class OutboxRelay:
         if self._publisher is None or self._connection is None or self._connection.is_closed:
             await self._disconnect()
             self._connection = await connect(self._broker_url, self._connection_name)
-            self._publisher = Publisher(self._connection, self._topology)
+            self._publisher = Publisher(
+                self._connection, self._topology, on_return_raises=self._require_route
+            )
         return self._publisher
 
     async def _disconnect(self) -> None:

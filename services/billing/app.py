@@ -35,6 +35,8 @@ def build_relay(settings: BillingSettings, engine: object) -> OutboxRelay:
         connection_name="billing-outbox-relay",
         poll_interval=settings.outbox_poll_seconds,
         max_backoff=settings.outbox_max_backoff_seconds,
+        # Purchases and refunds must reach credits' queue; until it exists they wait in the outbox.
+        require_route=True,
     )
 
 
