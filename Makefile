@@ -18,9 +18,16 @@ install: $(STAMP)
 infra:
 	@bash deploy/scripts/ensure-infra.sh
 
-# Headless Chromium for the portal's end-to-end tests (Debian packages; never a downloaded browser).
+# Test tools from Debian's packages: headless Chromium for the portal's end-to-end tests (never a
+# downloaded browser) and docker-compose to validate docker-compose.yml where no Docker engine runs.
 browser:
-	@test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) || echo "chromium could not be installed; browser tests will be skipped"
+	@missing=""; test -x /usr/bin/chromium || missing="chromium chromium-driver"; \
+	command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1 || missing="$$missing docker-compose"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing test tools:$$missing"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
+	    || echo "could not install$$missing; the tests that need them will be skipped"; \
+	fi
 
 test: install infra browser
 	$(PY) -m pytest -q
