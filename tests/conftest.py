@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 
 from shared.broker import Topology
 from shared.db import drop_database
+from tests.support.broker import delete_namespace
 
 RUN_ID = uuid.uuid4().hex[:10]
 PG_BASE = os.environ.get("TEST_PG_BASE", "postgresql+asyncpg://postgres@127.0.0.1:5432")
@@ -78,23 +79,7 @@ async def amqp_connection(rabbitmq_url: str) -> AsyncIterator[aio_pika.abc.Abstr
 async def _cleanup_broker_namespace(broker_namespace: str) -> AsyncIterator[None]:
     """Deletes this run's exchanges and queues at the end (they are durable, so they would linger)."""
     yield
-    try:
-        conn = await aio_pika.connect(RABBITMQ_URL)
-    except Exception:
-        return
-    async with conn:
-        for queue in ("credits.billing-events", "ai.requests", "credit_proxy.dead_letters"):
-            ch = await conn.channel()
-            try:
-                await ch.queue_delete(f"{queue}.{broker_namespace}")
-            except Exception:
-                pass
-        for exchange in ("credit_proxy.events", "credit_proxy.dlx"):
-            ch = await conn.channel()
-            try:
-                await ch.exchange_delete(f"{exchange}.{broker_namespace}")
-            except Exception:
-                pass
+    await delete_namespace(RABBITMQ_URL, broker_namespace)
 
 
 @pytest.fixture(scope="session")

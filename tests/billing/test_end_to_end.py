@@ -7,13 +7,11 @@ consumer here never sees the other billing tests' messages (nor do other package
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import aio_pika
 import httpx
 import pytest
 
@@ -21,6 +19,7 @@ from tests.billing.conftest import FakeStripeServer
 from tests.billing.helpers import deliver, start_checkout
 from tests.conftest import eventually
 from tests.support.billing_service import RunningBilling, running_billing
+from tests.support.broker import delete_namespace
 from tests.support.credits_service import CreditsService, running_credits
 
 
@@ -54,21 +53,7 @@ async def system(
         ) as billing,
     ):
         yield System(billing, credits)
-    await _delete_namespace(rabbitmq_url, namespace)
-
-
-async def _delete_namespace(rabbitmq_url: str, namespace: str) -> None:
-    with contextlib.suppress(Exception):
-        connection = await aio_pika.connect(rabbitmq_url)
-        async with connection:
-            for queue in ("credits.billing-events", "credit_proxy.dead_letters"):
-                channel = await connection.channel()
-                with contextlib.suppress(Exception):
-                    await channel.queue_delete(f"{queue}.{namespace}")
-            for exchange in ("credit_proxy.events", "credit_proxy.dlx"):
-                channel = await connection.channel()
-                with contextlib.suppress(Exception):
-                    await channel.exchange_delete(f"{exchange}.{namespace}")
+    await delete_namespace(rabbitmq_url, namespace)
 
 
 async def _account(system: System, user: str) -> dict[str, Any] | None:

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import httpx
 
 from services.proxy.standin import StandinServer, run_in_thread
 from tests.support.billing_service import RunningBilling, running_billing
+from tests.support.broker import delete_namespace
 from tests.support.credits_service import CreditsService, running_credits
 from tests.support.proxy_service import RunningProxy, running_proxy
 
@@ -65,21 +65,6 @@ class Stack:
                     headers=headers,
                 )
                 assert r.status_code == 200, r.text
-
-
-async def delete_namespace(rabbitmq_url: str, namespace: str) -> None:
-    """Removes the stack's durable queues and exchanges (they would outlive the run)."""
-    with contextlib.suppress(Exception):
-        connection = await aio_pika.connect(rabbitmq_url)
-        async with connection:
-            for queue in ("credits.billing-events", "ai.requests", "credit_proxy.dead_letters"):
-                channel = await connection.channel()
-                with contextlib.suppress(Exception):
-                    await channel.queue_delete(f"{queue}.{namespace}")
-            for exchange in ("credit_proxy.events", "credit_proxy.dlx"):
-                channel = await connection.channel()
-                with contextlib.suppress(Exception):
-                    await channel.exchange_delete(f"{exchange}.{namespace}")
 
 
 async def _start(
