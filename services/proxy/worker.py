@@ -2,9 +2,12 @@
 
 A job is charged like an internal call for its user, with the reservation's idempotency key
 `job:<job_id>`: a redelivered job finds the same hold at credits, and committing it again returns
-the first result, so a job is never charged twice. The finished outcome is also recorded in Redis
-(`proxy:job:<namespace>:<job_id>`), so a redelivery of a finished job is answered again from the
-record without calling upstream or credits.
+the first result, so a job is never charged twice. When the reservation found has already ended
+without a charge (released or expired: that delivery was not served), the job is held anew under a
+key derived from the ended reservation, so it is not served free and later deliveries still find the
+same chain. Idempotency keys, like job records, belong to the job's user: one job_id sent for two
+users is two jobs. The finished outcome is also recorded in Redis (`proxy:job:<namespace>:<user>:<job_id>`),
+so a redelivery of a finished job is answered again from the record without calling upstream or credits.
 
 Upstream failures (5xx, timeout, unreachable) are retried with exponential backoff up to
 `WORKER_MAX_ATTEMPTS` calls, holding the credits meanwhile; then the job fails with the hold
@@ -15,8 +18,10 @@ A credits outage requeues the message (bounded by the queue's delivery limit).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import orjson
 import redis.asyncio as aioredis
@@ -24,18 +29,32 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from pydantic import ValidationError
 
 from shared.broker import PoisonMessage, Publisher, Topology, build_message, consume, parse_json
-from shared.errors import AppError, ServiceUnavailable, UpstreamError, UpstreamTimeout
+from shared.errors import AppError, Conflict, ServiceUnavailable, UpstreamError, UpstreamTimeout
 from shared.events import AiJobCompleted, AiJobFailed, AiJobRequest, Event, JobError
 
 from .downstream import DownstreamError
 from .metrics import CREDITS_CHARGED, JOBS
+from .pricing import Price
 from .upstream import loads_object
 
 if TYPE_CHECKING:
     from .app import Proxy
+    from .metering import Hold
 
 log = logging.getLogger("proxy.worker")
 QUEUE = "ai.requests"
+MAX_IDEMPOTENCY_KEY = 200  # credits' limit on a reservation's idempotency key
+# Deliveries whose hold ended unserved before this one: each left one released/expired reservation.
+MAX_ENDED_HOLDS = 20
+
+
+def job_key(job_id: str, after: str | None = None) -> str:
+    """The reservation idempotency key of a job (after an ended reservation, a key derived from it).
+    Within credits' length limit however long the job_id: longer keys are replaced by their hash."""
+    key = f"job:{job_id}" if after is None else f"job:{job_id}:after:{after}"
+    if len(key) > MAX_IDEMPOTENCY_KEY:
+        key = "job:sha256:" + hashlib.sha256(key.encode()).hexdigest()
+    return key
 
 
 class Worker:
@@ -81,8 +100,9 @@ class Worker:
             except Exception:
                 pass
 
-    def _record_key(self, job_id: str) -> str:
-        return f"proxy:job:{self.topology.namespace}:{job_id}"
+    def _record_key(self, user_id: str, job_id: str) -> str:
+        # The user's length first keeps (user, job) pairs apart whatever characters they contain.
+        return f"proxy:job:{self.topology.namespace}:{len(user_id)}:{user_id}:{job_id}"
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
         data = parse_json(message)
@@ -93,7 +113,7 @@ class Worker:
         self._inflight += 1
         self._idle.clear()
         try:
-            key = self._record_key(job.job_id)
+            key = self._record_key(job.user_id, job.job_id)
             recorded = await self.redis.get(key)
             if recorded is not None:
                 JOBS.labels("replayed").inc()
@@ -124,6 +144,30 @@ class Worker:
             )
             await self.publisher.send_to_queue(message.reply_to, reply)
 
+    async def _hold(self, job: AiJobRequest, price: Price, body: dict[str, Any]) -> Hold:
+        """Holds the job's price idempotently. A reservation found by the job's key that has already
+        ended unserved (a delivery that released its hold, then died before acknowledging) cannot be
+        committed: serving the job on it would be free. The job is then held anew under a key derived
+        from that reservation, which the next delivery derives the same way."""
+        proxy = self.proxy
+        after: str | None = None
+        for _ in range(MAX_ENDED_HOLDS):
+            hold, _ = await proxy.meter.hold(
+                job.user_id,
+                job.operation,
+                price,
+                body,
+                idempotency_key=job_key(job.job_id, after),
+                create_missing_user=True,
+            )
+            rid = hold.reservation.reservation_id
+            found = await proxy.credits.json(b"GET", f"/v1/reservations/{quote(rid, safe='')}")
+            if found.get("status") in ("held", "committed"):
+                return hold
+            hold.settled = True  # ended at credits already: nothing to release
+            after = rid
+        raise Conflict(f"Job {job.job_id} was held and released too often; send it with a new job_id.")
+
     async def run(self, job: AiJobRequest) -> Event:
         proxy = self.proxy
         body = dict(job.request)
@@ -143,16 +187,9 @@ class Worker:
             )
 
         try:
-            hold, _ = await proxy.meter.hold(
-                job.user_id,
-                job.operation,
-                price,
-                body,
-                idempotency_key=f"job:{job.job_id}",
-                create_missing_user=True,
-            )
+            hold = await self._hold(job, price, body)
         except ServiceUnavailable:
-            raise  # requeued: credits is down, nothing was held
+            raise  # requeued: credits is down; a hold placed meanwhile is found again by its key
         except AppError as exc:
             return failed(exc.code, exc.message)
         raw = orjson.dumps(body)
