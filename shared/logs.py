@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import os
 import sys
 import time
-import uuid
 
 import orjson
 
@@ -15,7 +15,8 @@ request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("req
 
 
 def new_request_id() -> str:
-    return uuid.uuid4().hex
+    # 128 random bits as 32 hex digits, like uuid4().hex without building a UUID per request.
+    return os.urandom(16).hex()
 
 
 def current_request_id() -> str | None:
