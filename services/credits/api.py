@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
@@ -41,6 +42,19 @@ class ReserveBody(Body):
 
 class CommitBody(Body):
     amount: Annotated[StrictInt, Field(ge=0, le=MAX_CREDITS)] | None = None
+
+
+class SettleItem(Body):
+    reservation_id: Annotated[StrictStr, Field(min_length=1, max_length=100)]
+    action: Literal["commit", "release"]
+    amount: Annotated[StrictInt, Field(ge=0, le=MAX_CREDITS)] | None = None
+
+
+MAX_BATCH_ITEMS = 1000
+
+
+class SettleBatch(Body):
+    items: Annotated[list[SettleItem], Field(min_length=1, max_length=MAX_BATCH_ITEMS)]
 
 
 class CreateKey(Body):
@@ -256,6 +270,36 @@ async def release(request: Request) -> JsonResponse:
     )
 
 
+async def _settle_one(ledger: Ledger, item: SettleItem) -> dict[str, Any]:
+    try:
+        if item.action == "commit":
+            body = settle_body(await ledger.commit(item.reservation_id, item.amount), commit=True)
+        else:
+            body = settle_body(await ledger.release(item.reservation_id), commit=False)
+    except AppError as exc:
+        return {"reservation_id": item.reservation_id, "status": exc.status_code, **exc.body()}
+    return {"status": 200, **body}
+
+
+async def settle_batch(request: Request) -> JsonResponse:
+    """Many commits/releases in one call (the proxy settles its requests in batches).
+
+    Each item runs through the same idempotent commit/release as the single endpoints, concurrently,
+    so the commit writer groups them into shared PostgreSQL transactions. Each result carries the
+    status and body the single endpoint would have answered; the call itself is 200 unless the
+    whole body is invalid. Items for the same reservation must not appear twice in one batch.
+    """
+    _require_internal(request)
+    body = await _parse(request, SettleBatch)
+    assert body is not None
+    ids = [item.reservation_id for item in body.items]
+    if len(set(ids)) != len(ids):
+        raise InvalidRequest("Each reservation may appear at most once per batch.")
+    ledger: Ledger = request.app.state.ledger
+    results = await asyncio.gather(*(_settle_one(ledger, item) for item in body.items))
+    return JsonResponse({"results": results})
+
+
 async def verify_api_key(request: Request) -> JsonResponse:
     _require_internal(request)
     body = await _parse(request, VerifyKey)
@@ -277,6 +321,7 @@ class HotRoute(Route):
 
 hot_routes = [
     HotRoute("/v1/reservations", reserve, methods=["POST"]),
+    HotRoute("/v1/reservations/batch", settle_batch, methods=["POST"]),
     HotRoute("/v1/reservations/{reservation_id}/commit", commit, methods=["POST"]),
     HotRoute("/v1/reservations/{reservation_id}/release", release, methods=["POST"]),
     HotRoute("/v1/api-keys/verify", verify_api_key, methods=["POST"]),
