@@ -125,10 +125,16 @@ def create_app(settings: ProxySettings | None = None) -> FastAPI:
             await redis.aclose()  # type: ignore[attr-defined]
             await proxy.aclose()
 
-    app = create_service_app("proxy", max_body_bytes=settings.max_body_bytes, lifespan=lifespan)
+    app = create_service_app(
+        "proxy",
+        max_body_bytes=settings.max_body_bytes,
+        lifespan=lifespan,
+        telemetry={"tracing": False, "metrics": False, "logs": False},
+    )
     app.state.settings = settings
     app.state.proxy = proxy
-    app.include_router(openai_api.router)
+    # The hot routes go first so that routing tries them before the rest.
+    app.router.routes[0:0] = openai_api.hot_routes
     app.include_router(account_api.router)
     app.mount("/portal", StaticFiles(directory=account_api.PORTAL_DIR), name="portal")
     return app

@@ -140,6 +140,11 @@ class CreditsClient(InternalClient):
         )
         return data
 
+    async def settle_batch(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """Many commits/releases in one call; see settlements.py."""
+        data: dict[str, Any] = await self.json(b"POST", "/v1/reservations/batch", {"items": items})
+        return data
+
     # --- accounts ---
 
     async def ensure_user(self, user_id: str) -> dict[str, Any] | None:

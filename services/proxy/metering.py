@@ -19,6 +19,7 @@ from shared.errors import AppError, InsufficientCredits, ServiceUnavailable
 from .downstream import CreditsClient, DownstreamError, Reservation
 from .metrics import CREDITS_CHARGED, REQUESTS_REFUSED, SETTLEMENT_FAILURES
 from .pricing import Plan, Price, apply_output_cap, plan, usage_tokens
+from .settlements import SettlementBatcher
 
 log = logging.getLogger("proxy.metering")
 
@@ -63,6 +64,7 @@ def credit_headers(charged: int, remaining: int | None, threshold: int) -> dict[
 class Meter:
     def __init__(self, credits: CreditsClient, low_balance_threshold: int) -> None:
         self.credits = credits
+        self.settlements = SettlementBatcher(credits)
         self.threshold = low_balance_threshold
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -139,25 +141,22 @@ class Meter:
             return None
 
     async def _settle(self, hold: Hold, charged: int) -> Any:
+        """Sends the settlement with the next batch (retried there while credits is unreachable)."""
         action = "commit" if charged > 0 else "release"
         rid = hold.reservation.reservation_id
-        for attempt in range(4):
-            try:
-                if charged > 0:
-                    result = await self.credits.commit(rid, charged)
-                    CREDITS_CHARGED.labels(hold.operation).inc(charged)
-                else:
-                    result = await self.credits.release(rid)
-                remaining = result.get("credits_remaining")
-                return int(remaining) if isinstance(remaining, int) else None
-            except ServiceUnavailable:
-                await asyncio.sleep(0.2 * 2**attempt)
-            except AppError as exc:
-                log.error("%s of reservation %s refused: %s %s", action, rid, exc.status_code, exc.message)
-                break
-            except Exception:
-                log.exception("%s of reservation %s failed", action, rid)
-                break
+        try:
+            result = await self.settlements.submit(rid, charged)
+        except ServiceUnavailable:
+            pass
+        except AppError as exc:
+            log.error("%s of reservation %s refused: %s %s", action, rid, exc.status_code, exc.message)
+        except Exception:
+            log.exception("%s of reservation %s failed", action, rid)
+        else:
+            if charged > 0:
+                CREDITS_CHARGED.labels(hold.operation).inc(charged)
+            remaining = result.get("credits_remaining")
+            return int(remaining) if isinstance(remaining, int) else None
         SETTLEMENT_FAILURES.labels(action).inc()
         log.error("could not %s reservation %s; the hold will expire at credits", action, rid)
         return None
@@ -172,3 +171,4 @@ class Meter:
     async def drain(self, timeout: float) -> None:
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=timeout)
+        await self.settlements.aclose()

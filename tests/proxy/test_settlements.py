@@ -1,0 +1,137 @@
+"""The proxy's settlement batches against the real credits service: many settlements per call,
+retried while credits is unreachable or failing, each applied exactly once even when a batch is
+delivered twice."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from services.proxy.downstream import CreditsClient, DownstreamError
+from services.proxy.settlements import SettlementBatcher
+from tests.proxy.conftest import Credits
+from tests.support.servers import serve_app
+
+INTERNAL = {"authorization": "Bearer dev-internal-token"}
+
+
+async def _holds(credits: Credits, user_id: str, n: int) -> list[str]:
+    ids = []
+    for _ in range(n):
+        r = await credits.http.post(
+            "/v1/reservations", json={"user_id": user_id, "amount": 1}, headers=INTERNAL
+        )
+        assert r.status_code == 201, r.text
+        ids.append(r.json()["reservation_id"])
+    return ids
+
+
+def _front(credits_url: str, plan: list[str], seen: list[int]) -> Starlette:
+    """Stands in front of credits: per batch call, the next step of `plan` ('down' → 503 without
+    forwarding, 'lost' → forwarded but the answer replaced by 502, 'ok' → forwarded)."""
+
+    async def batch(request: Request) -> Response:
+        body = await request.body()
+        seen.append(len(body))
+        step = plan.pop(0) if plan else "ok"
+        if step == "down":
+            return Response(b"", status_code=503)
+        async with httpx.AsyncClient(base_url=credits_url, timeout=30) as http:
+            r = await http.post("/v1/reservations/batch", content=body, headers=INTERNAL)
+        if step == "lost":
+            return Response(b"", status_code=502)
+        return Response(r.content, status_code=r.status_code, media_type="application/json")
+
+    return Starlette(routes=[Route("/v1/reservations/batch", batch, methods=["POST"])])
+
+
+async def test_many_settlements_share_calls_and_each_applies_once(credits: Credits, credits_url: str) -> None:
+    user_id = await credits.user(40)
+    ids = await _holds(credits, user_id, 40)
+    seen: list[int] = []
+    async with serve_app(_front(credits_url, [], seen)) as front:
+        client = CreditsClient(front, "dev-internal-token", 10)
+        batcher = SettlementBatcher(client, max_inflight=1)
+        try:
+            futures = [batcher.submit(rid, 1 if i % 2 == 0 else 0) for i, rid in enumerate(ids)]
+            results: list[dict[str, Any]] = await asyncio.gather(*futures)
+        finally:
+            await batcher.aclose()
+            await client.aclose()
+    assert len(seen) < len(ids)  # submitted together: they shared calls
+    assert [r["reservation_id"] for r in results] == ids
+    assert [r.get("charged") for r in results] == [1 if i % 2 == 0 else None for i in range(40)]
+    account = await credits.settled(user_id, 20, usage_total=20)
+    assert account["credits_reserved"] == 0
+
+
+async def test_credits_down_then_a_lost_answer_still_charges_exactly_once(
+    credits: Credits, credits_url: str
+) -> None:
+    user_id = await credits.user(5)
+    ids = await _holds(credits, user_id, 3)
+    seen: list[int] = []
+    # Down twice (nothing forwarded), then applied at credits but the answer lost, then fine.
+    async with serve_app(_front(credits_url, ["down", "down", "lost"], seen)) as front:
+        client = CreditsClient(front, "dev-internal-token", 10)
+        batcher = SettlementBatcher(client, retry_base_seconds=0.05)
+        try:
+            results = await asyncio.gather(
+                batcher.submit(ids[0], 1), batcher.submit(ids[1], 1), batcher.submit(ids[2], 0)
+            )
+        finally:
+            await batcher.aclose()
+            await client.aclose()
+    assert len(seen) == 4
+    assert [r.get("charged") for r in results] == [1, 1, None]
+    await credits.settled(user_id, 3, usage_total=2)
+    assert sorted(await credits.usage(user_id)) == [1, 1]
+
+
+async def test_gives_up_after_bounded_retries_and_the_hold_stays_for_expiry(
+    credits: Credits, credits_url: str
+) -> None:
+    user_id = await credits.user(5)
+    (rid,) = await _holds(credits, user_id, 1)
+    seen: list[int] = []
+    async with serve_app(_front(credits_url, ["down"] * 10, seen)) as front:
+        client = CreditsClient(front, "dev-internal-token", 10)
+        batcher = SettlementBatcher(client, max_attempts=3, retry_base_seconds=0.02)
+        try:
+            future = batcher.submit(rid, 1)
+            try:
+                await future
+                raise AssertionError("settlement should have failed")
+            except Exception as exc:
+                assert not isinstance(exc, AssertionError), exc
+        finally:
+            await batcher.aclose()
+            await client.aclose()
+    assert len(seen) == 3
+    account = await credits.account(user_id)
+    # Nothing charged; the hold is still open and will expire back to the user at credits.
+    assert account["credits_reserved"] == 1 and account["credits_remaining"] == 4
+    assert await credits.usage(user_id) == []
+
+
+async def test_a_refused_item_fails_alone(credits: Credits, credits_url: str) -> None:
+    user_id = await credits.user(5)
+    a, b = await _holds(credits, user_id, 2)
+    r = await credits.http.post(f"/v1/reservations/{a}/release", headers=INTERNAL)
+    assert r.status_code == 200, r.text
+    client = CreditsClient(credits_url, "dev-internal-token", 10)
+    batcher = SettlementBatcher(client)
+    try:
+        refused, ok = await asyncio.gather(batcher.submit(a, 1), batcher.submit(b, 1), return_exceptions=True)
+    finally:
+        await batcher.aclose()
+        await client.aclose()
+    assert isinstance(refused, DownstreamError) and refused.status_code == 409
+    assert isinstance(ok, dict) and ok["charged"] == 1
+    await credits.settled(user_id, 4, usage_total=1)
