@@ -6,9 +6,12 @@ Measures, and prints as a table:
   http / many accounts   one credits process (uvloop + httptools, as `python -m services.credits` runs),
                          many concurrent keep-alive clients, each pair = POST reserve + POST commit
   http / one hot account the same, every pair on one user
+  http, commits batched  one POST reserve per pair, commits sent 20 per POST /v1/reservations/batch
+                         (how the proxy settles)
   lua / many accounts    the Redis scripts alone (reserve.lua + apply.lua), concurrent callers
   lua pipelined          the same, 100 pairs per pipeline round trip
   lua / one hot account  concurrent callers on one user
+Then one reserve at a time (concurrency 1): POST /v1/reservations vs a direct EVALSHA of reserve.lua.
 
 The service gets its own database (dropped afterwards) and Redis key namespace (deleted afterwards).
 The load generator is a minimal HTTP/1.1 client in this process, which shares the machine's cores with
@@ -151,6 +154,23 @@ async def http_bench(
 
         return pair
 
+    def batched_for(users: list[str], per_batch: int) -> Callable[[int], Awaitable[bool]]:
+        # The proxy's way: one reserve per request, commits sent in batches (POST /v1/reservations/batch).
+        async def pairs(n: int) -> bool:
+            c = conns[n]
+            ids = []
+            for _ in range(per_batch):
+                user = users[random.randrange(len(users))]
+                status, body = await c.request("POST", "/v1/reservations", {"user_id": user, "amount": 1})
+                if status != 201:
+                    return False
+                ids.append(orjson.loads(body)["reservation_id"])
+            items = [{"reservation_id": rid, "action": "commit"} for rid in ids]
+            status, body = await c.request("POST", "/v1/reservations/batch", {"items": items})
+            return status == 200 and all(r["status"] == 200 for r in orjson.loads(body)["results"])
+
+        return pairs
+
     # Warm up connections and the service's pools.
     await run_loops("warm-up", concurrency, 1.0, pair_for(accounts))
     results = []
@@ -159,6 +179,15 @@ async def http_bench(
         result = await run_loops(name, concurrency, seconds, pair_for(users))
         result.server_cpu = cpu_seconds(pid) - before
         results.append(result)
+    per_batch = 20
+    before = cpu_seconds(pid)
+    result = await run_loops(
+        f"http, commits batched x{per_batch}", concurrency, seconds, batched_for(accounts, per_batch)
+    )
+    result.server_cpu = cpu_seconds(pid) - before
+    result.pairs *= per_batch
+    result.latencies = [x / per_batch for x in result.latencies]
+    results.append(result)
     for c in conns:
         await c.close()
     return results
@@ -265,6 +294,39 @@ async def lua_bench(
     return results
 
 
+async def reserve_latency(url: str, redis_url: str, namespace: str, user: str, n: int) -> list[Result]:
+    """One reserve at a time: over HTTP (what the proxy pays per request today) and as a direct
+    EVALSHA of reserve.lua (what a client in the proxy running credits' script would pay)."""
+    host, port = url.removeprefix("http://").split(":")
+    c = Connection(host, int(port))
+    latencies: list[float] = []
+    failures = 0
+    for i in range(n + 100):
+        started = time.perf_counter()
+        status, _ = await c.request("POST", "/v1/reservations", {"user_id": user, "amount": 1})
+        if i >= 100:  # warm-up excluded
+            latencies.append(time.perf_counter() - started)
+            failures += status != 201
+    await c.close()
+    results = [Result("reserve alone, http", n, sum(latencies), latencies, failures)]
+    client = aioredis.from_url(redis_url)
+    holds = Holds(client, 16, namespace)
+    await holds.load(user, 10**12, 1, 1, [])
+    deadline = int(time.time() * 1000) + 3_600_000
+    latencies = []
+    failures = 0
+    for i in range(n + 100):
+        started = time.perf_counter()
+        out = await holds.reserve(user, uuid.uuid4().hex, 1, None, deadline, int(time.time() * 1000))
+        if i >= 100:
+            latencies.append(time.perf_counter() - started)
+            failures += out.status != 1
+    await client.delete(*holds.keys(user))
+    await client.aclose()
+    results.append(Result("reserve alone, evalsha", n, sum(latencies), latencies, failures))
+    return results
+
+
 async def delete_broker_namespace(url: str, namespace: str) -> None:
     """The service declared durable queues and exchanges under this run's namespace; remove them."""
     connection = await aio_pika.connect(url)
@@ -293,6 +355,7 @@ async def main(args: argparse.Namespace) -> None:
     }
     accounts = [f"bench-{i}" for i in range(args.accounts)]
     results: list[Result] = []
+    latency: list[Result] = []
     try:
         with service_process("services.credits", env) as (url, proc):
             host, port = url.removeprefix("http://").split(":")
@@ -303,6 +366,7 @@ async def main(args: argparse.Namespace) -> None:
                 )
             await c.close()
             results += await http_bench(url, proc.pid, accounts, "bench-hot", args.concurrency, args.seconds)
+            latency = await reserve_latency(url, args.redis_url, namespace + "-lat", accounts[0], 2000)
         results += await lua_bench(
             args.redis_url, namespace + "-lua", accounts, args.concurrency, args.seconds
         )
@@ -324,6 +388,14 @@ async def main(args: argparse.Namespace) -> None:
     print(f"|{'-' * 26}|{'-' * 9}|{'-' * 10}|{'-' * 9}|{'-' * 9}|{'-' * 11}|{'-' * 12}|{'-' * 8}|")
     for r in results:
         print(r.row())
+    print("\none reserve at a time (concurrency 1), 2000 each:\n")
+    print(f"| {'path':<24} | {'p50 ms':>7} | {'p99 ms':>7} | {'failed':>6} |")
+    print(f"|{'-' * 26}|{'-' * 9}|{'-' * 9}|{'-' * 8}|")
+    for r in latency:
+        lat = sorted(r.latencies)
+        p50 = lat[len(lat) // 2] * 1000
+        p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000
+        print(f"| {r.name:<24} | {p50:>7.3f} | {p99:>7.3f} | {r.failures:>6} |")
     print(
         "\ncpu ms/pr: CPU the credits process spent per pair; pairs/cpu-s: what one fully available core"
         " would sustain at that cost (the machine's other load does not enter it)."
