@@ -215,10 +215,17 @@ def requested_output_cap(body: dict[str, Any]) -> int | None:
     return None
 
 
+def requested_choices(body: dict[str, Any]) -> int:
+    """How many completions a chat request asks for (`n`): each one is billed its own output tokens."""
+    n = body.get("n")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
+
+
 def plan(price: Price, operation: str, body: dict[str, Any], available: int | None = None) -> Plan | None:
     """The hold for this request, given (if known) the credits available; None when even the input is
     not covered. Per-request prices hold the price; token prices hold what the requested output needs,
-    at most `max_reserve` and at most what is available, and cap the output to what the hold covers."""
+    at most `max_reserve` and at most what is available, and cap the output to what the hold covers.
+    The output cap applies to each of the `n` choices, so the hold covers `n` times it."""
     if price.per_request is not None:
         if available is not None and available < price.per_request:
             return None
@@ -232,11 +239,12 @@ def plan(price: Price, operation: str, body: dict[str, Any], available: int | No
             return None
         return Plan(reserve=needed, input_tokens=input_tokens)
     cap = requested_output_cap(body)
+    choices = requested_choices(body)
     if cap is not None:
-        wanted = max(1, price.tokens_cost(input_tokens, cap))
+        wanted = max(1, price.tokens_cost(input_tokens, cap * choices))
         if wanted <= budget:
             return Plan(reserve=wanted, input_tokens=input_tokens, max_output_tokens=None)
-    allowed = price.output_tokens_within(budget, input_tokens)
+    allowed = price.output_tokens_within(budget, input_tokens) // choices
     if allowed < 1 or budget < 1:
         return None
     if cap is not None:
