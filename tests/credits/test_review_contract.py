@@ -85,3 +85,24 @@ async def test_idempotency_key_after_commit_returns_the_same_reservation_even_wh
     assert again.json()["reservation_id"] == rid
     s = await check.consistent(user_id, client)
     assert s["account"]["balance"] == 0 and len(s["holds"]) == 1
+
+
+@pytest.mark.parametrize(
+    "method,path,content",
+    [
+        ("POST", "/v1/users", b'{"user_id": 5}'),
+        ("POST", "/v1/admin/users/u-review/grants", b'{"credits": -1}'),
+        ("POST", "/v1/admin/migrations/subscriptions", b'{"users": "all"}'),
+        ("GET", "/v1/users/u-review/transactions?limit=abc&before=-1", b""),
+    ],
+    ids=["create-user", "grant", "migration", "transactions"],
+)
+async def test_invalid_fields_without_token_are_401(
+    credits: CreditsService, check: Checker, method: str, path: str, content: bytes
+) -> None:
+    async with httpx.AsyncClient(base_url=credits.url, timeout=30) as anonymous:
+        r = await anonymous.request(
+            method, path, content=content or None, headers={"Content-Type": "application/json"}
+        )
+    assert_envelope(r, 401, "unauthorized")
+    assert (await check.state("u-review"))["account"] is None
