@@ -130,3 +130,21 @@ async def test_models_for_a_new_in_app_user_carry_the_remaining_header(gateway: 
     assert r.status_code == 200, r.text
     assert r.headers["x-credits-charged"] == "0"
     assert r.headers["x-credits-remaining"] == "10"
+
+
+async def test_a_user_cannot_revoke_or_see_another_users_key(
+    gateway: httpx.AsyncClient, credits: Credits
+) -> None:
+    owner = await credits.user(3, unlocked=True)
+    key = await credits.api_key(owner)
+    listed = await gateway.get("/v1/account/api-keys", headers={**INTERNAL, "X-User-Id": owner})
+    assert listed.status_code == 200, listed.text
+    (entry,) = listed.json()["data"]
+    assert "key" not in entry and key.startswith(entry["prefix"])
+    intruder = {"Authorization": f"Bearer {make_token(f'jwt-{uuid.uuid4().hex[:10]}')}"}
+    assert (await gateway.get("/v1/account/api-keys", headers=intruder)).json()["data"] == []
+    _error(await gateway.delete(f"/v1/account/api-keys/{entry['id']}", headers=intruder), 404, "not_found")
+    # The key still works for its owner.
+    r = await gateway.post("/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 200, r.text
+    await credits.settled(owner, 2, usage_total=1)
