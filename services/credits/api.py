@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -270,22 +269,11 @@ async def release(request: Request) -> JsonResponse:
     )
 
 
-async def _settle_one(ledger: Ledger, item: SettleItem) -> dict[str, Any]:
-    try:
-        if item.action == "commit":
-            body = settle_body(await ledger.commit(item.reservation_id, item.amount), commit=True)
-        else:
-            body = settle_body(await ledger.release(item.reservation_id), commit=False)
-    except AppError as exc:
-        return {"reservation_id": item.reservation_id, "status": exc.status_code, **exc.body()}
-    return {"status": 200, **body}
-
-
 async def settle_batch(request: Request) -> JsonResponse:
     """Many commits/releases in one call (the proxy settles its requests in batches).
 
-    Each item runs through the same idempotent commit/release as the single endpoints, concurrently,
-    so the commit writer groups them into shared PostgreSQL transactions. Each result carries the
+    Each item runs through the same idempotent commit/release as the single endpoints (the commit
+    writer groups them into shared PostgreSQL transactions; Redis is synced in one round trip). Each result carries the
     status and body the single endpoint would have answered; the call itself is 200 unless the
     whole body is invalid. Items for the same reservation must not appear twice in one batch.
     """
@@ -296,7 +284,15 @@ async def settle_batch(request: Request) -> JsonResponse:
     if len(set(ids)) != len(ids):
         raise InvalidRequest("Each reservation may appear at most once per batch.")
     ledger: Ledger = request.app.state.ledger
-    results = await asyncio.gather(*(_settle_one(ledger, item) for item in body.items))
+    outcomes = await ledger.settle_many([(i.reservation_id, i.action, i.amount) for i in body.items])
+    results: list[dict[str, Any]] = []
+    for item, outcome in zip(body.items, outcomes, strict=True):
+        if isinstance(outcome, AppError):
+            results.append(
+                {"reservation_id": item.reservation_id, "status": outcome.status_code, **outcome.body()}
+            )
+        else:
+            results.append({"status": 200, **settle_body(outcome, commit=item.action == "commit")})
     return JsonResponse({"results": results})
 
 

@@ -123,6 +123,20 @@ class Holds:
         result = int(await self._apply(keys=self.keys(user_id), args=args))
         return None if result == -1 else result
 
+    async def apply_many(
+        self, changes: Sequence[tuple[str, int | None, int | None, Sequence[str]]]
+    ) -> list[int | None]:
+        """`apply` for many (user_id, balance, version, ended) in one pipelined round trip; each
+        script still touches one user's keys only. Returns available credits (None: not loaded)."""
+        if not changes:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for user_id, balance, version, ended in changes:
+            args: list[Any] = ["" if balance is None else balance, "" if version is None else version, *ended]
+            await self._apply(keys=self.keys(user_id), args=args, client=pipe)
+        replies = await pipe.execute()
+        return [None if int(r) == -1 else int(r) for r in replies]
+
     async def load(
         self,
         user_id: str,

@@ -26,7 +26,14 @@ from services.credits.config import CreditsSettings
 from services.credits.holds import Holds
 from services.credits.store import NewHold, Reservation
 from services.credits.writer import CommitWriter, HoldWriter, Persisted
-from shared.errors import Conflict, InsufficientCredits, InvalidRequest, NotFound, ServiceUnavailable
+from shared.errors import (
+    AppError,
+    Conflict,
+    InsufficientCredits,
+    InvalidRequest,
+    NotFound,
+    ServiceUnavailable,
+)
 from shared.events import ApiAccessUnlocked, BalanceLow, PackPurchased, PackRefunded, PurchaseApplied
 
 log = logging.getLogger("credits.ledger")
@@ -514,58 +521,99 @@ class Ledger:
         return found
 
     async def commit(self, rid: str, amount: int | None) -> SettleResult:
-        rid = _canonical_uuid(rid)
-        now = self.clock()
-        row = await self.commits.commit(rid, amount, now, self._low_event(now))
-        outcome = row["outcome"]
-        if outcome == "not_found":
-            raise NotFound("Unknown reservation.")
-        if outcome == "too_much":
-            raise InvalidRequest(f"amount {amount} exceeds the {row['amount']} credits reserved.")
-        user_id, reserved = row["user_id"], int(row["amount"])
-        if outcome in ("released", "expired"):
-            raise Conflict(f"Reservation {rid} was {outcome}; it can no longer be committed.")
-        if outcome == "expired_now":
-            metrics.CREDITS_EXPIRED.inc(reserved)
-            await self._sync([_Sync(user_id, ended=(rid,))])
-            raise Conflict(f"Reservation {rid} expired; it can no longer be committed.")
-        charged = int(row["charged"] or 0)
-        available: int | None = None
-        if outcome == "committed":
-            metrics.CREDITS_COMMITTED.inc(charged)
-            metrics.CREDITS_RELEASED.inc(reserved - charged)
-            if row["crossed"]:
-                metrics.BALANCE_LOW_EVENTS.inc()
-                self._on_outbox()
-            try:
-                available = await self.holds.apply(
-                    user_id, balance=int(row["balance"]), version=int(row["version"]), ended=(rid,)
-                )
-            except Exception:
-                log.exception("syncing Redis after commit %s failed", rid)
-        if available is None:
-            available, _ = await self.live(user_id)
-        return SettleResult(rid, charged, reserved - charged, available)
+        result = (await self.settle_many([(rid, "commit", amount)]))[0]
+        if isinstance(result, AppError):
+            raise result
+        return result
 
     async def release(self, rid: str) -> SettleResult:
-        rid = _canonical_uuid(rid)
-        row = await store.release_fast(self.pool, rid, self.clock())
-        outcome = row["outcome"]
-        if outcome == "not_found":
-            raise NotFound("Unknown reservation.")
-        if outcome == "committed":
-            raise Conflict(f"Reservation {rid} was committed; it can no longer be released.")
-        user_id, reserved = row["user_id"], int(row["amount"])
-        available: int | None = None
-        if outcome == "released_now":
-            metrics.CREDITS_RELEASED.inc(reserved)
+        result = (await self.settle_many([(rid, "release", None)]))[0]
+        if isinstance(result, AppError):
+            raise result
+        return result
+
+    async def settle_many(
+        self, items: Sequence[tuple[str, str, int | None]]
+    ) -> list[SettleResult | AppError]:
+        """Commits ("commit", amount or None for all) and releases ("release") of distinct
+        reservations, each idempotent as the single endpoints are. The PostgreSQL side of concurrent
+        commits shares the commit writer's transactions; the Redis mirror is updated for the whole
+        call in one pipelined round trip. Returns, per item, its result or the error it is refused with.
+        """
+        now = self.clock()
+
+        async def settle(rid: str | None, action: str, amount: int | None) -> Any:
+            if rid is None:
+                return {"outcome": "not_found"}
+            if action == "commit":
+                return await self.commits.commit(rid, amount, now, self._low_event(now))
+            return await store.release_fast(self.pool, rid, now)
+
+        canonical = [str(uuid.UUID(rid)) if _is_uuid(rid) else None for rid, _, _ in items]
+        rows = await asyncio.gather(
+            *(settle(rid, action, amount) for rid, (_, action, amount) in zip(canonical, items, strict=True))
+        )
+        results: list[SettleResult | AppError | None] = [None] * len(items)
+        # (item index, whether its result reports the mirror's answer, user, balance, version)
+        syncs: list[tuple[int, bool, str, int | None, int | None]] = []
+        for i, (rid, (_, action, amount), row) in enumerate(zip(canonical, items, rows, strict=True)):
+            outcome = row["outcome"]
+            if outcome == "not_found":
+                results[i] = NotFound("Unknown reservation.")
+                continue
+            assert rid is not None
+            user_id, reserved = row["user_id"], int(row["amount"])
+            if action == "commit":
+                if outcome == "too_much":
+                    results[i] = InvalidRequest(
+                        f"amount {amount} exceeds the {row['amount']} credits reserved."
+                    )
+                elif outcome in ("released", "expired"):
+                    results[i] = Conflict(f"Reservation {rid} was {outcome}; it can no longer be committed.")
+                elif outcome == "expired_now":
+                    metrics.CREDITS_EXPIRED.inc(reserved)
+                    results[i] = Conflict(f"Reservation {rid} expired; it can no longer be committed.")
+                    syncs.append((i, False, user_id, None, None))
+                else:
+                    charged = int(row["charged"] or 0)
+                    results[i] = SettleResult(rid, charged, reserved - charged, 0)
+                    if outcome == "committed":
+                        metrics.CREDITS_COMMITTED.inc(charged)
+                        metrics.CREDITS_RELEASED.inc(reserved - charged)
+                        if row["crossed"]:
+                            metrics.BALANCE_LOW_EVENTS.inc()
+                            self._on_outbox()
+                        syncs.append((i, True, user_id, int(row["balance"]), int(row["version"])))
+            else:
+                if outcome == "committed":
+                    results[i] = Conflict(f"Reservation {rid} was committed; it can no longer be released.")
+                    continue
+                results[i] = SettleResult(rid, 0, reserved, 0)
+                if outcome == "released_now":
+                    metrics.CREDITS_RELEASED.inc(reserved)
+                    syncs.append((i, True, user_id, None, None))
+        available: dict[int, int | None] = {}
+        if syncs:
+            changes = [
+                (user, balance, version, (str(canonical[i]),)) for i, _, user, balance, version in syncs
+            ]
             try:
-                available = await self.holds.apply(user_id, ended=(rid,))
+                mirrored = await self.holds.apply_many(changes)
+                available = {i: a for (i, report, *_), a in zip(syncs, mirrored, strict=True) if report}
             except Exception:
-                log.exception("syncing Redis after release %s failed", rid)
-        if available is None:
-            available, _ = await self.live(user_id)
-        return SettleResult(rid, 0, reserved, available)
+                # PostgreSQL has the change; Redis catches up at the next sync of these users
+                # (versions only move forward) or at the sweeper's pass.
+                log.exception("syncing Redis after %d settlements failed", len(syncs))
+        out: list[SettleResult | AppError] = []
+        for i, result in enumerate(results):
+            assert result is not None
+            if isinstance(result, SettleResult):
+                remaining = available.get(i)
+                if remaining is None:
+                    remaining, _ = await self.live(rows[i]["user_id"])
+                result = SettleResult(result.reservation_id, result.charged, result.refunded, remaining)
+            out.append(result)
+        return out
 
     async def analytics(self) -> dict[str, Any]:
         async with self.engine.connect() as conn:
