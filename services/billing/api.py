@@ -6,15 +6,15 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, RedirectResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.billing.runtime import BillingRuntime
 from services.billing.store import BillingStore
 from services.billing.stripe_gateway import InvalidSignature, sign_webhook
 from services.billing.testmode import checkout_page, checkout_session_object, event_envelope
 from shared.auth import internal_only
+from shared.bodies import json_body
 from shared.errors import InvalidRequest, NotFound
 from shared.responses import JsonResponse
 
@@ -54,13 +54,8 @@ class CheckoutBody(BaseModel):
         return value
 
 
-async def checkout_body(request: Request) -> CheckoutBody:
-    """The body, parsed only after the route's token check: FastAPI parses a declared body before any
-    dependency runs, which answered a caller without a token 422 for a malformed body (CONTRACT §3: 401)."""
-    try:
-        return CheckoutBody.model_validate_json(await request.body())
-    except ValidationError as exc:
-        raise RequestValidationError(exc.errors(include_url=False, include_context=False)) from None
+# Parsed after the route's token check (shared.bodies): a caller without a token gets 401, not 422.
+checkout_body = json_body(CheckoutBody)
 
 
 @router.get("/v1/packs")

@@ -13,6 +13,7 @@ from starlette.types import Scope
 from services.credits.apikeys import ApiKeys
 from services.credits.ledger import Ledger, ReserveResult, SettleResult, valid_user_id
 from shared.auth import admin_only, bearer_token, internal_only, token_matches
+from shared.bodies import json_body, optional_json_body
 from shared.errors import AppError, InvalidRequest, Unauthorized
 from shared.responses import JsonResponse
 
@@ -125,7 +126,9 @@ admin = APIRouter(prefix="/v1/admin", dependencies=[Depends(admin_only())])
 
 
 @internal.post("/v1/users")
-async def create_user(body: CreateUser, ledger: LedgerDep) -> JsonResponse:
+async def create_user(
+    body: Annotated[CreateUser, Depends(json_body(CreateUser))], ledger: LedgerDep
+) -> JsonResponse:
     account, created = await ledger.create_user(checked_user(body.user_id))
     return JsonResponse(account, status_code=201 if created else 200)
 
@@ -161,7 +164,9 @@ async def get_reservation(reservation_id: str, ledger: LedgerDep) -> JsonRespons
 
 
 @internal.post("/v1/users/{user_id}/api-keys")
-async def create_api_key(user_id: str, keys: KeysDep, body: CreateKey | None = None) -> JsonResponse:
+async def create_api_key(
+    user_id: str, keys: KeysDep, body: Annotated[CreateKey | None, Depends(optional_json_body(CreateKey))]
+) -> JsonResponse:
     return JsonResponse(
         await keys.create(checked_user(user_id), body.name if body else None), status_code=201
     )
@@ -180,7 +185,7 @@ async def revoke_api_key(user_id: str, key_id: str, keys: KeysDep) -> JsonRespon
 @admin.post("/users/{user_id}/grants")
 async def grant(
     user_id: str,
-    body: Grant,
+    body: Annotated[Grant, Depends(json_body(Grant))],
     ledger: LedgerDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JsonResponse:
@@ -196,7 +201,9 @@ async def grant(
 
 
 @admin.post("/migrations/subscriptions")
-async def migrate(body: Migration, ledger: LedgerDep) -> JsonResponse:
+async def migrate(
+    body: Annotated[Migration, Depends(json_body(Migration))], ledger: LedgerDep
+) -> JsonResponse:
     users = [(checked_user(u.user_id), u.tier) for u in body.users]
     if len({u for u, _ in users}) != len(users):
         raise InvalidRequest("Each user may appear only once; nothing was migrated.")

@@ -10,17 +10,11 @@ import pytest
 from tests.credits.helpers import Checker, assert_envelope
 from tests.support.credits_service import CreditsService
 
-AUTH_BEFORE_BODY = "FastAPI parses a JSON body before the router's token dependency runs (422 first)"
-XFAIL_AUTH = pytest.mark.xfail(
-    strict=True,
-    reason=f"{AUTH_BEFORE_BODY} — fix in services/credits/api.py :128-205 (read the body in the route after the token check, as the hot routes do, or make the token check a middleware for these paths)",
-)
-
 POSTS = [
-    pytest.param("/v1/users", "internal", marks=XFAIL_AUTH, id="create-user"),
-    pytest.param("/v1/users/u-review/api-keys", "internal", marks=XFAIL_AUTH, id="create-api-key"),
-    pytest.param("/v1/admin/users/u-review/grants", "admin", marks=XFAIL_AUTH, id="admin-grant"),
-    pytest.param("/v1/admin/migrations/subscriptions", "admin", marks=XFAIL_AUTH, id="admin-migration"),
+    pytest.param("/v1/users", "internal", id="create-user"),
+    pytest.param("/v1/users/u-review/api-keys", "internal", id="create-api-key"),
+    pytest.param("/v1/admin/users/u-review/grants", "admin", id="admin-grant"),
+    pytest.param("/v1/admin/migrations/subscriptions", "admin", id="admin-migration"),
     pytest.param("/v1/reservations", "internal", id="reserve"),
     pytest.param("/v1/reservations/batch", "internal", id="settle-batch"),
     pytest.param("/v1/reservations/00000000-0000-0000-0000-000000000000/commit", "internal", id="commit"),
@@ -64,13 +58,6 @@ async def test_idempotency_key_after_release_returns_the_same_reservation(
     assert s["account"]["balance"] == 10
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a replayed idempotency key whose reservation has ended is first tried as a NEW hold in Redis "
-    "(the i:<key> entry leaves with the hold), so with the credits spent it answers 402 instead of the "
-    "same reservation — fix in services/credits/ledger.py:Ledger.reserve (the `outcome.status == 0` branch, ~line 447): on status 0 with "
-    "an idempotency key, look the key up in PostgreSQL (store.get_reservation_by_key) before raising",
-)
 async def test_idempotency_key_after_commit_returns_the_same_reservation_even_when_spent(
     client: httpx.AsyncClient, check: Checker, user_id: str
 ) -> None:
