@@ -452,6 +452,15 @@ class Ledger:
         else:
             raise ServiceUnavailable("Could not load the balance; try again.")
         if outcome.status == 0:
+            if idempotency_key is not None:
+                # Redis forgets a key when its hold ends; PostgreSQL remembers it. A retry of a reserve
+                # whose reservation was since committed gets that reservation, not a 402.
+                async with self.engine.connect() as conn:
+                    found = await store.get_reservation_by_key(conn, user_id, idempotency_key)
+                if found is not None:
+                    if count_metrics:
+                        metrics.RESERVATIONS_REPLAYED.inc()
+                    return ReserveResult(found, outcome.available)
             if count_metrics:
                 metrics.RESERVATIONS_INSUFFICIENT.inc()
             raise InsufficientCredits()
