@@ -54,6 +54,13 @@ async def _caller(proxy: Proxy, request: Request) -> Caller:
 async def list_models(request: Request) -> Response:
     proxy = _proxy(request)
     caller = await proxy.auth.for_api(request.headers.get("authorization"), request.headers.get("x-user-id"))
+    if caller.kind is CallerKind.INTERNAL:
+        # A trusted backend may name a user credits has not seen yet; as on the metered endpoints, the
+        # account is created (signup credits once) so the answer can carry the balance headers.
+        try:
+            await proxy.credits.ensure_user(caller.user_id)
+        except AppError:
+            pass  # credits unreachable: answer without the balance rather than fail a free call
     balance = await proxy.meter.balance(caller.user_id)
     threshold = proxy.meter.threshold
     if caller.kind is CallerKind.API_KEY and not caller.api_access_unlocked:
