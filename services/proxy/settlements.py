@@ -8,9 +8,10 @@ batches are in flight share the next call (group commit, no timer adds latency).
 
 Each item runs at credits through the same idempotent commit/release as the single endpoints, so a
 batch sent twice (its answer lost, then retried) charges once. When credits cannot be reached or
-fails, the items are retried with exponential backoff a bounded number of times, then given up:
-their holds expire back to the users at credits (a served request then goes uncharged, never
-double-charged; SETTLEMENT_FAILURES counts it).
+fails, the items are retried with exponential backoff capped at `max_delay_seconds`, for about as
+long as a hold lives at credits by default (600 s), so an outage of minutes still ends with every
+served request charged. Only then are they given up: their holds expire back to the users at credits
+(a served request then goes uncharged, never double-charged; SETTLEMENT_FAILURES counts it).
 """
 
 from __future__ import annotations
@@ -48,13 +49,15 @@ class SettlementBatcher:
         *,
         max_batch: int = 200,
         max_inflight: int = 4,
-        max_attempts: int = 6,
+        max_attempts: int = 60,
         retry_base_seconds: float = 0.2,
+        max_delay_seconds: float = 10.0,
     ) -> None:
         self.credits = credits
         self.max_batch = max_batch
         self.max_attempts = max_attempts
         self.retry_base = retry_base_seconds
+        self.max_delay = max_delay_seconds
         self._slots = asyncio.Semaphore(max_inflight)
         self._pending: list[_Item] = []
         self._wake = asyncio.Event()
@@ -139,7 +142,7 @@ class SettlementBatcher:
             if item.attempts >= self.max_attempts:
                 _fail(item, ServiceUnavailable("The credits service is unavailable."))
                 continue
-            delay = self.retry_base * 2 ** (item.attempts - 1)
+            delay = min(self.retry_base * 2 ** (item.attempts - 1), self.max_delay)
             self._retrying[id(item)] = (loop.call_later(delay, self._requeue, item), item)
 
     def _requeue(self, item: _Item) -> None:
