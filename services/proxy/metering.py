@@ -42,13 +42,17 @@ class Hold:
         return self.reservation.credits_remaining + self.amount - charged
 
     def cost_from_usage(self, usage: Any, output_served: int | None = None) -> int:
-        """What the request costs: the per-request price, or its tokens (from `usage`, else the input
-        estimate plus `output_served` tokens), never more than was held."""
+        """What the request costs: the per-request price, or its tokens (from `usage`; for a stream
+        without usage, the input estimate plus the `output_served` tokens counted while relaying),
+        never more than was held. A complete answer without usage costs the hold: its output was
+        never counted, and the hold is the most the caller agreed to pay."""
         if self.price.per_request is not None:
             return self.amount
         tokens = usage_tokens(usage)
         if tokens is None:
-            tokens = (self.plan.input_tokens, output_served or 0)
+            if output_served is None:
+                return self.amount
+            tokens = (self.plan.input_tokens, output_served)
         return min(self.amount, self.price.tokens_cost(*tokens))
 
 

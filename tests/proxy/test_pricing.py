@@ -123,3 +123,20 @@ def test_per_request_plan_refuses_when_unaffordable() -> None:
     assert plan(price, "images.generations", {}, available=4) is None
     held = plan(price, "images.generations", {})
     assert held is not None and held.reserve == 5
+
+
+def test_token_priced_charge_from_usage_or_else_the_hold() -> None:
+    from services.proxy.downstream import Reservation
+    from services.proxy.metering import Hold
+
+    price = Price(per_1k_input_tokens=Decimal(1000), per_1k_output_tokens=Decimal(1000), max_reserve=40)
+    body = {"model": "m", "messages": [{"role": "user", "content": "one two three"}], "max_tokens": 10}
+    chosen = plan(price, "chat.completions", body)
+    assert chosen is not None
+    hold = Hold("u", "chat.completions", price, chosen, Reservation("r", chosen.reserve, 100))
+    # usage present: exactly its tokens (one credit per token here)
+    assert hold.cost_from_usage({"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}) == 7
+    # a stream without usage: the input estimate plus what was relayed
+    assert hold.cost_from_usage(None, output_served=2) == chosen.input_tokens + 2
+    # a complete answer without usage: its output was never counted, so it costs the hold
+    assert hold.cost_from_usage(None) == chosen.reserve
