@@ -218,11 +218,17 @@ class Ledger:
         return await self.account(user_id), created
 
     async def account(self, user_id: str) -> dict[str, Any]:
+        # Redis first: it is synced only after PostgreSQL commits, so the row read next is at least as
+        # new as the balance. (Row first could pair a fresh balance with stale purchase fields: 510
+        # credits after a 500-credit pack shown with the support tier of no purchase.)
+        try:
+            available, held = await self.live(user_id)
+        except NotFound:
+            raise NotFound(f"Unknown user {user_id!r}.") from None
         async with self.engine.connect() as conn:
             row = await store.get_account(conn, user_id)
         if row is None:
             raise NotFound(f"Unknown user {user_id!r}.")
-        available, held = await self.live(user_id)
         return {
             "user_id": row.user_id,
             "credits_remaining": available,
