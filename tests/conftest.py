@@ -76,10 +76,11 @@ async def amqp_connection(rabbitmq_url: str) -> AsyncIterator[aio_pika.abc.Abstr
 
 
 @pytest.fixture(scope="session", autouse=True)
-async def _cleanup_broker_namespace(broker_namespace: str) -> AsyncIterator[None]:
-    """Deletes this run's exchanges and queues at the end (they are durable, so they would linger)."""
+async def _cleanup_broker_namespace() -> AsyncIterator[None]:
+    """Deletes this run's exchanges and queues at the end (they are durable, so they would linger).
+    Named directly, not through the fixture, which a test package may override with its own."""
     yield
-    await delete_namespace(RABBITMQ_URL, broker_namespace)
+    await delete_namespace(RABBITMQ_URL, f"test-{RUN_ID}")
 
 
 @pytest.fixture(scope="session")

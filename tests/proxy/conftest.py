@@ -15,7 +15,9 @@ from openai import AsyncOpenAI
 from services.credits.app import create_app as create_credits_app
 from services.credits.config import CreditsSettings
 from services.proxy.standin import StandinServer, run_in_thread
+from shared.broker import Topology
 from tests.support.billing_service import running_billing
+from tests.support.broker import delete_namespace
 from tests.support.proxy_service import RunningProxy, running_proxy
 from tests.support.servers import serve_app
 
@@ -30,6 +32,21 @@ models:
   standin-drop-after-5: {per_1k_input_tokens: 1000, per_1k_output_tokens: 1000, max_reserve: 100}
   standin-trickle-30-words-60: {per_1k_input_tokens: 1000, per_1k_output_tokens: 1000, max_reserve: 100}
 """
+
+
+@pytest.fixture(scope="session")
+async def broker_namespace(run_id: str, rabbitmq_url: str) -> AsyncIterator[str]:
+    """The proxy's stack gets a broker namespace of its own: its long-lived credits service would
+    otherwise consume the billing messages that other packages' tests publish for their own."""
+    namespace = f"test-{run_id}-proxy"
+    yield namespace
+    await delete_namespace(rabbitmq_url, namespace)
+
+
+@pytest.fixture(scope="session")
+def topology(broker_namespace: str) -> Topology:
+    # Overridden with broker_namespace: a session fixture's cached value ignores an overridden dependency.
+    return Topology(broker_namespace)
 
 
 @contextlib.asynccontextmanager
