@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.credits import store
 from shared.broker import Publisher, build_message
+from shared.logs import REQUEST_ID_HEADER
 
 log = logging.getLogger("credits.outbox")
 
@@ -50,8 +51,13 @@ class OutboxRelay:
                 published: list[int] = []
                 for row in rows:
                     body = orjson.loads(row.body)
+                    # The request id of the change the event reports, so it follows the event onward.
+                    headers = {REQUEST_ID_HEADER: row.request_id} if row.request_id else None
                     message = build_message(
-                        row.body.encode(), message_id=str(body["event_id"]), type_=row.routing_key
+                        row.body.encode(),
+                        message_id=str(body["event_id"]),
+                        type_=row.routing_key,
+                        headers=headers,
                     )
                     await self._publisher.publish_raw(message, row.routing_key)
                     published.append(row.id)

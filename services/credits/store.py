@@ -19,6 +19,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.events import Event
+from shared.logs import current_request_id
 
 ACCOUNT_COLUMNS = (
     "user_id, balance, credits_purchased_total, credits_lifetime_used, credits_owed, api_access_unlocked, "
@@ -506,15 +507,16 @@ async def analytics(conn: AsyncConnection) -> dict[str, Any]:
 
 async def add_outbox(conn: AsyncConnection, event: Event) -> None:
     await conn.execute(
-        text("INSERT INTO outbox (routing_key, body) VALUES (:k, :b)"),
-        {"k": event.routing_key, "b": orjson.dumps(event.body()).decode()},
+        text("INSERT INTO outbox (routing_key, body, request_id) VALUES (:k, :b, :r)"),
+        {"k": event.routing_key, "b": orjson.dumps(event.body()).decode(), "r": current_request_id()},
     )
 
 
 async def claim_outbox(conn: AsyncConnection, limit: int) -> list[Any]:
     rows = await conn.execute(
         text(
-            "SELECT id, routing_key, body FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT :l "
+            "SELECT id, routing_key, body, request_id FROM outbox WHERE published_at IS NULL "
+            "ORDER BY id LIMIT :l "
             "FOR UPDATE SKIP LOCKED"
         ),
         {"l": limit},

@@ -25,9 +25,14 @@ class Bus:
     exchange: aio_pika.abc.AbstractExchange
     channel: aio_pika.abc.AbstractChannel
     seen: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    request_ids: dict[str, str] = field(default_factory=dict)  # event_id → x-request-id header
 
     async def publish(
-        self, body: bytes | dict[str, Any], routing_key: str, message_id: str | None = None
+        self,
+        body: bytes | dict[str, Any],
+        routing_key: str,
+        message_id: str | None = None,
+        request_id: str | None = None,
     ) -> None:
         raw = body if isinstance(body, bytes) else orjson.dumps(body)
         await self.exchange.publish(
@@ -37,6 +42,7 @@ class Bus:
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                 message_id=message_id or uuid.uuid4().hex,
                 type=routing_key,
+                headers={"x-request-id": request_id} if request_id else None,
             ),
             routing_key=routing_key,
         )
@@ -57,7 +63,11 @@ async def bus(
 
     async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
         async with message.process():
-            bus.seen.append((message.routing_key or "", orjson.loads(message.body)))
+            body = orjson.loads(message.body)
+            bus.seen.append((message.routing_key or "", body))
+            rid = (message.headers or {}).get("x-request-id")
+            if isinstance(rid, str):
+                bus.request_ids[str(body.get("event_id"))] = rid
 
     await queue.consume(on_message)
     yield bus
@@ -248,3 +258,16 @@ async def test_balance_low_published_once_per_crossing(
     await spend(9)  # 13 → 4
     await eventually(lambda: len(bus.events("credits.balance.low", user_id)) == 2, timeout=20)
     await check.consistent(user_id, client)
+
+
+async def test_request_id_follows_a_purchase_into_the_events_it_causes(
+    bus: Bus, client: httpx.AsyncClient, user_id: str
+) -> None:
+    event = purchase(user_id, credits=100, pack="pro", unlocks_api=True)
+    await bus.publish(event.body(), event.routing_key, str(event.event_id), request_id="trace-from-billing")
+    await credited(client, user_id, 110)
+    await eventually(lambda: bus.events("credits.api_access.unlocked", user_id), timeout=20)
+    applied = await eventually(lambda: bus.events("credits.purchase.applied", user_id), timeout=20)
+    unlocked = bus.events("credits.api_access.unlocked", user_id)
+    for published in (*applied, *unlocked):  # type: ignore[misc]
+        assert bus.request_ids[published["event_id"]] == "trace-from-billing"
