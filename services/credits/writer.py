@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
-from typing import Any
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import asyncpg
 
@@ -31,28 +31,28 @@ class Persisted(Enum):
     LOST = "lost"  # Redis was rebuilt meanwhile without this hold and the credits are gone
 
 
-@dataclass
-class _Pending:
-    hold: NewHold
-    epoch: str
-    future: asyncio.Future[Persisted]
+class _HasFuture(Protocol):
+    future: asyncio.Future[Any]
 
 
-class HoldWriter:
-    def __init__(self, pool: asyncpg.Pool, holds: Holds, max_batch: int) -> None:
-        self._pool = pool
-        self._holds = holds
+PendingT = TypeVar("PendingT", bound=_HasFuture)
+
+
+class _GroupWriter(Generic[PendingT]):
+    """The group-commit loop: callers queue items; one task writes whatever queued while the previous
+    batch was being written, so nothing waits for a timer at low load and batches grow under load."""
+
+    task_name: ClassVar[str]
+
+    def __init__(self, max_batch: int) -> None:
         self._max_batch = max_batch
-        self._pending: list[_Pending] = []
+        self._pending: list[PendingT] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        # The writer keeps its own connection: it must not queue for the pool behind the requests
-        # that are waiting for it.
-        self._conn: asyncpg.pool.PoolConnectionProxy | None = None
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="credits-hold-writer")
+        self._task = asyncio.create_task(self._run(), name=self.task_name)
 
     async def close(self) -> None:
         self._closing = True
@@ -65,21 +65,13 @@ class HoldWriter:
             if not p.future.done():
                 p.future.set_exception(RuntimeError("service shutting down"))
         self._pending.clear()
-        await self._drop_connection()
 
-    async def _drop_connection(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(Exception):
-                await self._pool.release(self._conn)
-            self._conn = None
-
-    async def persist(self, hold: NewHold, epoch: str) -> Persisted:
+    async def _submit(self, item: PendingT) -> Any:
         if self._task is None or self._closing:
-            raise RuntimeError("hold writer is not running")
-        future: asyncio.Future[Persisted] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(hold, epoch, future))
+            raise RuntimeError(f"{self.task_name} is not running")
+        self._pending.append(item)
         self._wake.set()
-        return await future
+        return await item.future
 
     async def _run(self) -> None:
         while True:
@@ -91,6 +83,43 @@ class HoldWriter:
                 await self._write(batch)
             if self._closing:
                 return
+
+    async def _write(self, batch: list[PendingT]) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class _Pending:
+    hold: NewHold
+    epoch: str
+    future: asyncio.Future[Persisted]
+
+
+class HoldWriter(_GroupWriter[_Pending]):
+    task_name = "credits-hold-writer"
+
+    def __init__(self, pool: asyncpg.Pool, holds: Holds, max_batch: int) -> None:
+        super().__init__(max_batch)
+        self._pool = pool
+        self._holds = holds
+        # The writer keeps its own connection: it must not queue for the pool behind the requests
+        # that are waiting for it.
+        self._conn: asyncpg.pool.PoolConnectionProxy | None = None
+
+    async def close(self) -> None:
+        await super().close()
+        await self._drop_connection()
+
+    async def _drop_connection(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await self._pool.release(self._conn)
+            self._conn = None
+
+    async def persist(self, hold: NewHold, epoch: str) -> Persisted:
+        future: asyncio.Future[Persisted] = asyncio.get_running_loop().create_future()
+        persisted: Persisted = await self._submit(_Pending(hold, epoch, future))
+        return persisted
 
     async def _write(self, batch: list[_Pending]) -> None:
         try:
@@ -143,54 +172,23 @@ class _PendingCommit:
     future: asyncio.Future[Any]
 
 
-class CommitWriter:
+class CommitWriter(_GroupWriter[_PendingCommit]):
     """Runs concurrent commits as one `credits_commit_batch` call; each caller gets its own row."""
 
+    task_name = "credits-commit-writer"
+
     def __init__(self, pool: asyncpg.Pool, threshold: int, max_batch: int) -> None:
+        super().__init__(max_batch)
         self._pool = pool
         self._threshold = threshold
-        self._max_batch = max_batch
-        self._pending: list[_PendingCommit] = []
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._closing = False
         self._now: datetime | None = None
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="credits-commit-writer")
-
-    async def close(self) -> None:
-        self._closing = True
-        self._wake.set()
-        if self._task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait_for(self._task, timeout=10)
-            self._task = None
-        for p in self._pending:
-            if not p.future.done():
-                p.future.set_exception(RuntimeError("service shutting down"))
-        self._pending.clear()
-
     async def commit(self, reservation_id: str, amount: int | None, now: datetime, low_event: str) -> Any:
-        if self._task is None or self._closing:
-            raise RuntimeError("commit writer is not running")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        # One clock reading per batch is enough: the latest caller's (deadlines are checked against it).
-        self._now = now
-        self._pending.append(_PendingCommit(reservation_id, amount, low_event, future))
-        self._wake.set()
-        return await future
-
-    async def _run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._pending:
-                batch = self._pending[: self._max_batch]
-                del self._pending[: self._max_batch]
-                await self._write(batch)
-            if self._closing:
-                return
+        if self._task is not None and not self._closing:
+            # One clock reading per batch is enough: the latest caller's (deadlines are checked against it).
+            self._now = now
+        return await self._submit(_PendingCommit(reservation_id, amount, low_event, future))
 
     async def _write(self, batch: list[_PendingCommit]) -> None:
         now = self._now
