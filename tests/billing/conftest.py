@@ -36,6 +36,19 @@ async def fake_stripe() -> AsyncIterator[FakeStripeServer]:
         yield FakeStripeServer(stripe, url)
 
 
+def billing_on_fake_stripe(
+    fake_stripe: FakeStripeServer, database_url: str, rabbitmq_url: str, broker_namespace: str
+) -> contextlib.AbstractAsyncContextManager[RunningBilling]:
+    """Billing in Stripe mode, its SDK pointed at the fake Stripe server."""
+    return running_billing(
+        database_url=database_url,
+        rabbitmq_url=rabbitmq_url,
+        broker_namespace=broker_namespace,
+        stripe_api_base=fake_stripe.url,
+        stripe_api_key=fake_stripe.stripe.api_key,
+    )
+
+
 @pytest.fixture(scope="session")
 async def billing(
     fake_stripe: FakeStripeServer,
@@ -43,12 +56,8 @@ async def billing(
     rabbitmq_url: str,
     broker_namespace: str,
 ) -> AsyncIterator[RunningBilling]:
-    async with running_billing(
-        database_url=make_database_url("billing"),
-        rabbitmq_url=rabbitmq_url,
-        broker_namespace=broker_namespace,
-        stripe_api_base=fake_stripe.url,
-        stripe_api_key=fake_stripe.stripe.api_key,
+    async with billing_on_fake_stripe(
+        fake_stripe, make_database_url("billing"), rabbitmq_url, broker_namespace
     ) as running:
         yield running
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from tests.billing.conftest import FakeStripeServer, sql
-from tests.support.billing_service import WEBHOOK_SECRET, RunningBilling, running_billing
+from tests.billing.conftest import FakeStripeServer, billing_on_fake_stripe, sql
+from tests.support.billing_service import WEBHOOK_SECRET, RunningBilling
 from tests.support.stripe_server import sign_payload
 
 
@@ -23,12 +23,8 @@ async def fresh_billing(
     rabbitmq_url: str,
     broker_namespace: str,
 ) -> AsyncIterator[RunningBilling]:
-    async with running_billing(
-        database_url=make_database_url("billing_signatures"),
-        rabbitmq_url=rabbitmq_url,
-        broker_namespace=broker_namespace,
-        stripe_api_base=fake_stripe.url,
-        stripe_api_key=fake_stripe.stripe.api_key,
+    async with billing_on_fake_stripe(
+        fake_stripe, make_database_url("billing_signatures"), rabbitmq_url, broker_namespace
     ) as running:
         yield running
 
