@@ -272,6 +272,13 @@ def main() -> None:
         "--concurrency", type=int, default=32, help="clients of the closed-loop throughput step"
     )
     parser.add_argument("--log-level", default="INFO", help="the proxy's LOG_LEVEL (INFO logs every request)")
+    parser.add_argument(
+        "--holds",
+        choices=("redis", "http"),
+        default="redis",
+        help="where the proxy places holds: straight in credits' Redis (CREDITS_REDIS_URL, the default"
+        " deployment) or through credits' HTTP reserve",
+    )
     args = parser.parse_args()
 
     ns = f"bench-{uuid.uuid4().hex[:6]}"
@@ -312,6 +319,7 @@ def main() -> None:
                     "OPENAI_BASE_URL": f"{standin}/v1",
                     "OPENAI_API_KEY": "sk-bench",
                     "WORKER_ENABLED": "0",
+                    "CREDITS_REDIS_URL": common["REDIS_URL"] if args.holds == "redis" else "",
                 },
                 f"{proxy}/healthz",
             )
@@ -322,7 +330,8 @@ def main() -> None:
             else [(b"authorization", f"Bearer {INTERNAL}".encode()), (b"x-user-id", USER.encode())]
         )
         print(
-            f"proxy caller: {'API key' if key else 'internal token + X-User-Id'}; upstream: stand-in (0 ms)",
+            f"proxy caller: {'API key' if key else 'internal token + X-User-Id'}; holds: {args.holds};"
+            " upstream: stand-in (0 ms)",
             flush=True,
         )
         results.append(uvloop.run(measure("proxy", f"{proxy}/v1", headers, f"{standin}/v1", args)))

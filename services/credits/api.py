@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -11,7 +12,8 @@ from starlette.routing import Match, Route
 from starlette.types import Scope
 
 from services.credits.apikeys import ApiKeys
-from services.credits.ledger import Ledger, ReserveResult, SettleResult, valid_user_id
+from services.credits.ledger import Ledger, PlacedHold, ReserveResult, SettleResult, valid_user_id
+from services.credits.store import Reservation
 from shared.auth import admin_only, bearer_token, internal_only, token_matches
 from shared.bodies import json_body, optional_json_body
 from shared.errors import AppError, InvalidRequest, Unauthorized
@@ -50,11 +52,26 @@ class SettleItem(Body):
     amount: Annotated[StrictInt, Field(ge=0, le=MAX_CREDITS)] | None = None
 
 
+class HoldItem(Body):
+    """A hold already placed in Redis with this service's reserve.lua (the proxy's fast path)."""
+
+    reservation_id: Annotated[StrictStr, Field(min_length=1, max_length=100)]
+    action: Literal["hold"]
+    user_id: StrictStr
+    amount: Credits
+    epoch: Annotated[StrictStr, Field(max_length=30)]
+    deadline_ms: Annotated[StrictInt, Field(gt=0)]
+    kind: Literal["usage"] = "usage"
+
+
 MAX_BATCH_ITEMS = 1000
 
 
 class SettleBatch(Body):
-    items: Annotated[list[SettleItem], Field(min_length=1, max_length=MAX_BATCH_ITEMS)]
+    items: Annotated[
+        list[Annotated[SettleItem | HoldItem, Field(discriminator="action")]],
+        Field(min_length=1, max_length=MAX_BATCH_ITEMS),
+    ]
 
 
 class CreateKey(Body):
@@ -109,6 +126,16 @@ def reservation_body(result: ReserveResult) -> dict[str, Any]:
         "status": r.status,
         "expires_at": r.expires_at,
         "credits_remaining": result.available,
+    }
+
+
+def recorded_body(reservation: Reservation) -> dict[str, Any]:
+    """A recorded hold in a batch answer (whose "status" is the item's HTTP status, 201)."""
+    return {
+        "reservation_id": reservation.id,
+        "user_id": reservation.user_id,
+        "amount": reservation.amount,
+        "expires_at": reservation.expires_at,
     }
 
 
@@ -277,12 +304,15 @@ async def release(request: Request) -> JsonResponse:
 
 
 async def settle_batch(request: Request) -> JsonResponse:
-    """Many commits/releases in one call (the proxy settles its requests in batches).
+    """Many commits/releases, and records of holds placed in Redis, in one call (the proxy settles
+    its requests in batches).
 
-    Each item runs through the same idempotent commit/release as the single endpoints (the commit
-    writer groups them into shared PostgreSQL transactions; Redis is synced in one round trip). Each result carries the
-    status and body the single endpoint would have answered; the call itself is 200 unless the
-    whole body is invalid. Items for the same reservation must not appear twice in one batch.
+    Each commit/release runs through the same idempotent commit/release as the single endpoints (the
+    commit writer groups them into shared PostgreSQL transactions; Redis is synced in one round trip);
+    each "hold" item is recorded through the reserve's group commit (`Ledger.record_holds`). Each
+    result carries the status and body the single endpoint would have answered (201 and the
+    reservation for a recorded hold); the call itself is 200 unless the whole body is invalid. Items
+    for the same reservation must not appear twice in one batch.
     """
     _require_internal(request)
     body = await _parse(request, SettleBatch)
@@ -291,16 +321,38 @@ async def settle_batch(request: Request) -> JsonResponse:
     if len(set(ids)) != len(ids):
         raise InvalidRequest("Each reservation may appear at most once per batch.")
     ledger: Ledger = request.app.state.ledger
-    outcomes = await ledger.settle_many([(i.reservation_id, i.action, i.amount) for i in body.items])
-    results: list[dict[str, Any]] = []
-    for item, outcome in zip(body.items, outcomes, strict=True):
+    settles = [item for item in body.items if isinstance(item, SettleItem)]
+    holds = [item for item in body.items if isinstance(item, HoldItem)]
+    for item in holds:
+        checked_user(item.user_id)
+    settled, recorded = await asyncio.gather(
+        ledger.settle_many([(i.reservation_id, i.action, i.amount) for i in settles]) if settles else _none(),
+        ledger.record_holds(
+            [PlacedHold(i.reservation_id, i.user_id, i.amount, i.epoch, i.deadline_ms, i.kind) for i in holds]
+        )
+        if holds
+        else _none(),
+    )
+    answers: dict[int, dict[str, Any]] = {}
+    for settle, outcome in zip(settles, settled, strict=True):
         if isinstance(outcome, AppError):
-            results.append(
-                {"reservation_id": item.reservation_id, "status": outcome.status_code, **outcome.body()}
-            )
+            answers[id(settle)] = _item_error(settle.reservation_id, outcome)
         else:
-            results.append({"status": 200, **settle_body(outcome, commit=item.action == "commit")})
-    return JsonResponse({"results": results})
+            answers[id(settle)] = {"status": 200, **settle_body(outcome, commit=settle.action == "commit")}
+    for hold, recorded_hold in zip(holds, recorded, strict=True):
+        if isinstance(recorded_hold, AppError):
+            answers[id(hold)] = _item_error(hold.reservation_id, recorded_hold)
+        else:
+            answers[id(hold)] = {"status": 201, **recorded_body(recorded_hold)}
+    return JsonResponse({"results": [answers[id(item)] for item in body.items]})
+
+
+async def _none() -> list[Any]:
+    return []
+
+
+def _item_error(reservation_id: str, error: AppError) -> dict[str, Any]:
+    return {"reservation_id": reservation_id, "status": error.status_code, **error.body()}
 
 
 async def verify_api_key(request: Request) -> JsonResponse:

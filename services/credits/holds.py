@@ -27,16 +27,14 @@ from __future__ import annotations
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
 
+from shared.redis_holds import credits_script as _script
+from shared.redis_holds import user_keys
+
 SEPARATOR = "\x1f"  # user ids never contain control characters
-
-
-def _script(name: str) -> str:
-    return resources.files("services.credits").joinpath("lua", name).read_text(encoding="utf-8")
 
 
 @dataclass(frozen=True)
@@ -75,7 +73,7 @@ class Holds:
         return f"{self.namespace}:{{{user_id}}}:acct"
 
     def keys(self, user_id: str) -> list[str]:
-        return [f"{self.namespace}:{{{user_id}}}:acct", f"{self.namespace}:{{{user_id}}}:deadlines"]
+        return user_keys(self.namespace, user_id)
 
     def deadline_key(self, shard: int) -> str:
         return f"{self.namespace}:deadlines:{{{shard}}}"
@@ -151,15 +149,15 @@ class Holds:
             args += [rid, amount, key or "", deadline_ms]
         return int(await self._load(keys=self.keys(user_id), args=args))
 
-    async def confirm(self, items: Sequence[tuple[str, str, int, str | None, str, int]]) -> list[bool]:
-        """items: (user_id, reservation_id, amount, idempotency_key, epoch, deadline_ms)."""
+    async def confirm(self, items: Sequence[tuple[str, str, int, str | None, str, int, bool]]) -> list[bool]:
+        """items: (user_id, reservation_id, amount, idempotency_key, epoch, deadline_ms, strict);
+        strict for holds placed outside this service (see confirm.lua)."""
         if not items:
             return []
         pipe = self.client.pipeline(transaction=False)
-        for user_id, rid, amount, key, epoch, deadline_ms in items:
-            await self._confirm(
-                keys=self.keys(user_id), args=[rid, amount, key or "", epoch, deadline_ms], client=pipe
-            )
+        for user_id, rid, amount, key, epoch, deadline_ms, strict in items:
+            args: list[Any] = [rid, amount, key or "", epoch, deadline_ms, "strict" if strict else ""]
+            await self._confirm(keys=self.keys(user_id), args=args, client=pipe)
         results = await pipe.execute()
         return [int(r[0]) == 1 for r in results]
 

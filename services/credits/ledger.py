@@ -87,6 +87,18 @@ class SettleResult:
     available: int
 
 
+@dataclass(frozen=True)
+class PlacedHold:
+    """A hold another process placed in Redis with reserve.lua (the proxy's fast path), to record."""
+
+    reservation_id: str
+    user_id: str
+    amount: int
+    epoch: str
+    deadline_ms: int
+    kind: str = "usage"
+
+
 @dataclass
 class _Sync:
     """What to tell Redis after a PostgreSQL commit."""
@@ -509,6 +521,63 @@ class Ledger:
             rid, user_id, outcome.held, idempotency_key, kind, "held", None, expires_at, now
         )
         return ReserveResult(reservation, outcome.available)
+
+    async def record_holds(self, placed: Sequence[PlacedHold]) -> list[Reservation | AppError]:
+        """Records holds placed straight in Redis (by the proxy, with this service's reserve.lua), each
+        idempotent by reservation id, through the same group commit as `reserve`. Until recorded such
+        a hold lives only in Redis, where it lapses after its deadline if it never gets here.
+
+        A hold that is no longer in Redis is refused and recorded as released, so it can never be
+        committed: past its deadline (409), never placed, or lost with a Redis wipe when the rebuilt
+        balance no longer covers it (402). Returns, per hold, its reservation or the refusal."""
+        now = self.clock()
+        now_ms = _ms(now)
+        longest_ms = now_ms + self.settings.max_reservation_ttl_seconds * 1000
+        known = await store.known_users(self.pool, sorted({p.user_id for p in placed}))
+
+        async def record(p: PlacedHold) -> Reservation | AppError:
+            if not _is_uuid(p.reservation_id):
+                return InvalidRequest("reservation_id must be a UUID.")
+            rid = _canonical_uuid(p.reservation_id)
+            if p.user_id not in known:
+                return NotFound(f"Unknown user {p.user_id!r}.")
+            if p.deadline_ms <= now_ms:
+                return Conflict(f"Reservation {rid} expired before it was recorded.")
+            if p.deadline_ms > longest_ms:
+                return InvalidRequest("deadline_ms lies beyond the longest reservation TTL.")
+            expires_at = datetime.fromtimestamp(p.deadline_ms / 1000, UTC)
+            hold = NewHold(rid, p.user_id, p.amount, None, p.kind, expires_at)
+            try:
+                persisted = await self.writer.persist(hold, p.epoch, adopted=True)
+            except Exception:
+                log.exception("recording hold %s failed", rid)
+                return ServiceUnavailable("Could not record the reservation; try again.")
+            if persisted is Persisted.OK:
+                metrics.RESERVATIONS_HELD.inc()
+                metrics.CREDITS_RESERVED.inc(p.amount)
+                return Reservation(rid, p.user_id, p.amount, None, p.kind, "held", None, expires_at, now)
+            if persisted is Persisted.LOST:
+                async with self.engine.begin() as conn:
+                    await store.lock_accounts_key_share(conn, [p.user_id])
+                    await store.end_reservation(conn, rid, "released", self.clock())
+                metrics.RESERVATIONS_INSUFFICIENT.inc()
+                return InsufficientCredits(
+                    "The hold is no longer in Redis and the balance no longer covers it."
+                )
+            # Recorded before: a retried batch whose answer was lost. Answer as the first time.
+            async with self.engine.connect() as conn:
+                found = await store.get_reservation(conn, rid)
+            if found is None or found.user_id != p.user_id or found.amount != p.amount:
+                return Conflict(f"Reservation {rid} is already recorded with other terms.")
+            if found.status == "released" and found.charged is None:
+                return InsufficientCredits(
+                    "The hold is no longer in Redis and the balance no longer covers it."
+                )
+            if found.status == "expired":
+                return Conflict(f"Reservation {rid} expired before it was recorded.")
+            return found
+
+        return list(await asyncio.gather(*(record(p) for p in placed)))
 
     async def _undo_hold(self, user_id: str, rid: str) -> None:
         try:

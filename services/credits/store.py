@@ -332,6 +332,11 @@ async def balances_of(conn: AsyncConnection, user_ids: Sequence[str]) -> dict[st
 # The functions live in migration 0002; they run the same statements as above as one server-side call.
 
 
+async def known_users(pool: asyncpg.Pool, user_ids: Sequence[str]) -> set[str]:
+    rows = await pool.fetch("SELECT user_id FROM accounts WHERE user_id = ANY($1::text[])", list(user_ids))
+    return {str(r["user_id"]) for r in rows}
+
+
 async def insert_holds_fast(conn: asyncpg.Connection, holds: Sequence[NewHold]) -> dict[str, int]:
     """Inserts a batch of holds; returns {inserted id: the account's Redis epoch}. A hold whose
     idempotency key already has a reservation is not inserted."""

@@ -93,6 +93,8 @@ class _Pending:
     hold: NewHold
     epoch: str
     future: asyncio.Future[Persisted]
+    # Placed in Redis by another process (the proxy's fast path): always checked against Redis.
+    adopted: bool = False
 
 
 class HoldWriter(_GroupWriter[_Pending]):
@@ -116,9 +118,11 @@ class HoldWriter(_GroupWriter[_Pending]):
                 await self._pool.release(self._conn)
             self._conn = None
 
-    async def persist(self, hold: NewHold, epoch: str) -> Persisted:
+    async def persist(self, hold: NewHold, epoch: str, *, adopted: bool = False) -> Persisted:
+        """Records a hold placed in Redis under `epoch`. DUPLICATE: a reservation with its
+        idempotency key (or, for an adopted hold, its id) is already recorded; nothing was written."""
         future: asyncio.Future[Persisted] = asyncio.get_running_loop().create_future()
-        persisted: Persisted = await self._submit(_Pending(hold, epoch, future))
+        persisted: Persisted = await self._submit(_Pending(hold, epoch, future, adopted))
         return persisted
 
     async def _write(self, batch: list[_Pending]) -> None:
@@ -132,8 +136,13 @@ class HoldWriter(_GroupWriter[_Pending]):
             # One call: KEY SHARE on the accounts (a concurrent rebuild, FOR UPDATE, either sees these
             # holds or loads before them, and then confirm() below restores them), then the insert.
             inserted = await store.insert_holds_fast(self._conn, [p.hold for p in batch])
-            # Only a hold whose account was rebuilt since its reserve needs a look in Redis.
-            suspect = [p for p in batch if p.hold.id in inserted and str(inserted[p.hold.id]) != p.epoch]
+            # A hold placed here needs a look in Redis only if its account was rebuilt since its
+            # reserve; a hold placed elsewhere is checked always (it must really be in Redis).
+            suspect = [
+                p
+                for p in batch
+                if p.hold.id in inserted and (p.adopted or str(inserted[p.hold.id]) != p.epoch)
+            ]
             confirmed = await self._holds.confirm(
                 [
                     (
@@ -143,6 +152,7 @@ class HoldWriter(_GroupWriter[_Pending]):
                         p.hold.idempotency_key,
                         p.epoch,
                         int(p.hold.expires_at.timestamp() * 1000),
+                        p.adopted,
                     )
                     for p in suspect
                 ]

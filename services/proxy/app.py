@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from starlette.staticfiles import StaticFiles
 
 from shared.broker import Topology, connect
+from shared.redis_holds import RedisHolds
 from shared.web import create_service_app
 
 from . import account_api, openai_api
@@ -52,6 +53,13 @@ class Proxy:
             settings.downstream_timeout_seconds,
             settings.packs_cache_seconds,
         )
+        redis_holds = None
+        if settings.credits_redis_url:
+            redis_holds = RedisHolds(
+                aioredis.from_url(settings.credits_redis_url),
+                namespace=settings.credits_redis_namespace,
+                ttl_seconds=settings.reservation_ttl_seconds,
+            )
         return cls(
             settings=settings,
             pricing=PricingTable.load(settings.pricing_file),
@@ -70,11 +78,14 @@ class Proxy:
                 positive_ttl=settings.api_key_cache_seconds,
                 negative_ttl=settings.api_key_negative_cache_seconds,
             ),
-            meter=Meter(credits, settings.low_balance_threshold),
+            meter=Meter(credits, settings.low_balance_threshold, redis_holds),
         )
 
     async def aclose(self) -> None:
-        for client in (self.credits, self.billing, self.upstream):
+        clients: list[Any] = [self.credits, self.billing, self.upstream]
+        if self.meter.redis_holds is not None:
+            clients.append(self.meter.redis_holds)
+        for client in clients:
             with contextlib.suppress(Exception):
                 await client.aclose()
 

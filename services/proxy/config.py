@@ -25,6 +25,13 @@ class ProxySettings(SharedSettings):
 
     pricing_file: str | None = None
     redis_url: str = "redis://localhost:6379/0"
+    # The credits service's Redis (its REDIS_URL) and key namespace (its REDIS_NAMESPACE). When set,
+    # holds are placed there directly with credits' own reserve.lua and recorded at credits in the
+    # background; empty: every hold is an HTTP call to credits.
+    credits_redis_url: str = ""
+    credits_redis_namespace: str = "credits"
+    # Lifetime of a hold placed in Redis (as credits' RESERVATION_TTL_SECONDS for the holds it places).
+    reservation_ttl_seconds: int = 600
 
     # A verified API key is trusted this long; a revoked key therefore stops working within it.
     api_key_cache_seconds: float = 2.0

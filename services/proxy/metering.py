@@ -1,10 +1,17 @@
-"""Charging for a request: hold its price at credits before the upstream call, then commit what was
-used or release the hold.
+"""Charging for a request: hold its price before the upstream call, then commit what was used or
+release the hold.
 
-The hold is the only step on the request path; commit and release of served requests run as
-tracked background tasks after the response is written (a crash leaves the hold to expire back to
-the user at credits). Releases after a failure are awaited, shielded from cancellation, so the error
-response can report the balance; they never let an exception escape.
+The hold is the only step on the request path. With the credits service's Redis configured
+(`CREDITS_REDIS_URL`), the hold is placed there directly with credits' own reserve.lua (one round
+trip, no HTTP call, no PostgreSQL write on the path) and recorded at credits in the background, in
+the same batches as the settlements; anything but the plain case (account not loaded, too few
+credits, an idempotency key, Redis unreachable) goes to credits' HTTP reserve, which decides it.
+A hold is settled only after credits has recorded it.
+
+Commit and release of served requests run as tracked background tasks after the response is written
+(a crash leaves the hold to expire back to the user: at credits, or in Redis if it was never
+recorded). Releases after a failure are awaited, shielded from cancellation, so the error response
+can report the balance; they never let an exception escape.
 """
 
 from __future__ import annotations
@@ -15,9 +22,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.errors import AppError, InsufficientCredits, ServiceUnavailable
+from shared.redis_holds import RedisHolds
 
 from .downstream import CreditsClient, DownstreamError, Reservation
-from .metrics import CREDITS_CHARGED, REQUESTS_REFUSED, SETTLEMENT_FAILURES
+from .metrics import CREDITS_CHARGED, HOLDS_LOST, HOLDS_PLACED, REQUESTS_REFUSED, SETTLEMENT_FAILURES
 from .pricing import Plan, Price, apply_output_cap, plan, usage_tokens
 from .settlements import SettlementBatcher
 
@@ -32,6 +40,8 @@ class Hold:
     plan: Plan
     reservation: Reservation
     settled: bool = False
+    # For a hold placed in Redis: credits' answer to recording it, which the settlement waits for.
+    recorded: asyncio.Future[dict[str, Any]] | None = None
 
     @property
     def amount(self) -> int:
@@ -66,8 +76,11 @@ def credit_headers(charged: int, remaining: int | None, threshold: int) -> dict[
 
 
 class Meter:
-    def __init__(self, credits: CreditsClient, low_balance_threshold: int) -> None:
+    def __init__(
+        self, credits: CreditsClient, low_balance_threshold: int, redis_holds: RedisHolds | None = None
+    ) -> None:
         self.credits = credits
+        self.redis_holds = redis_holds
         self.settlements = SettlementBatcher(credits)
         self.threshold = low_balance_threshold
         self._tasks: set[asyncio.Task[None]] = set()
@@ -87,6 +100,15 @@ class Meter:
         is covered, ServiceUnavailable when credits cannot be reached."""
         first = plan(price, operation, body)
         assert first is not None
+        if self.redis_holds is not None and idempotency_key is None:
+            placed = await self.redis_holds.place(user_id, first.reserve)
+            if placed is not None:
+                HOLDS_PLACED.labels("redis").inc()
+                reservation = Reservation(placed.reservation_id, placed.amount, placed.available)
+                hold = Hold(user_id, operation, price, first, reservation)
+                hold.recorded = self.settlements.record(placed)
+                return hold, self._cap(body, first)
+        HOLDS_PLACED.labels("http").inc()
         try:
             try:
                 reservation = await self.credits.reserve(user_id, first.reserve, idempotency_key)
@@ -111,11 +133,15 @@ class Meter:
                 REQUESTS_REFUSED.labels("insufficient_credits").inc()
                 raise InsufficientCredits() from None
             raise
-        changed = False
-        if chosen.max_output_tokens is not None:
-            apply_output_cap(body, chosen.max_output_tokens)
-            changed = True
-        return Hold(user_id, operation, price, chosen, reservation), changed
+        return Hold(user_id, operation, price, chosen, reservation), self._cap(body, chosen)
+
+    @staticmethod
+    def _cap(body: dict[str, Any], chosen: Plan) -> bool:
+        """Lowers the body's output cap to what the plan holds for; True if the body changed."""
+        if chosen.max_output_tokens is None:
+            return False
+        apply_output_cap(body, chosen.max_output_tokens)
+        return True
 
     # --- settling ---
 
@@ -148,6 +174,8 @@ class Meter:
         """Sends the settlement with the next batch (retried there while credits is unreachable)."""
         action = "commit" if charged > 0 else "release"
         rid = hold.reservation.reservation_id
+        if hold.recorded is not None and not await self._was_recorded(hold, action):
+            return None
         try:
             result = await self.settlements.submit(rid, charged)
         except ServiceUnavailable:
@@ -164,6 +192,28 @@ class Meter:
         SETTLEMENT_FAILURES.labels(action).inc()
         log.error("could not %s reservation %s; the hold will expire at credits", action, rid)
         return None
+
+    async def _was_recorded(self, hold: Hold, action: str) -> bool:
+        """Waits for credits to record a hold placed in Redis. False if it did not: then there is
+        nothing to settle (refused: the hold is gone; unreachable for good: it lapses in Redis)."""
+        assert hold.recorded is not None
+        rid = hold.reservation.reservation_id
+        try:
+            await hold.recorded
+            return True
+        except AppError as exc:
+            if exc.status_code in (402, 409):
+                # Lost with a Redis wipe and no longer covered, or past its deadline: credits released
+                # it, so the request goes uncharged rather than overspend the balance.
+                HOLDS_LOST.inc()
+                log.error("hold %s was refused by credits (%s); not charged", rid, exc.message)
+                return False
+            log.error("recording hold %s refused: %s %s", rid, exc.status_code, exc.message)
+        except Exception:
+            log.exception("recording hold %s failed", rid)
+        SETTLEMENT_FAILURES.labels(action).inc()
+        log.error("could not record hold %s; it lapses in Redis at its deadline", rid)
+        return False
 
     async def balance(self, user_id: str) -> int | None:
         """The user's available credits for an error response's headers, if credits answers."""

@@ -25,3 +25,13 @@ SETTLEMENT_FAILURES = Counter(
     "proxy_settlement_failures_total", "Commits or releases that failed (the hold then expires)", ["action"]
 )
 JOBS = Counter("proxy_jobs_total", "ai.requests jobs by outcome", ["outcome"])
+HOLDS_PLACED = Counter(
+    "proxy_holds_placed_total",
+    "Holds by how they were placed: redis (the fast path, recorded at credits afterwards) or http",
+    ["via"],
+)
+HOLDS_LOST = Counter(
+    "proxy_holds_lost_total",
+    "Holds placed in Redis that credits refused to record (lost with Redis, or past their deadline);"
+    " their requests go uncharged",
+)

@@ -1,4 +1,5 @@
-"""Settling holds in batches: commits and releases travel to credits many per call.
+"""Settling holds in batches: commits and releases (and records of holds placed in Redis) travel to
+credits many per call.
 
 One HTTP call per settlement was most of the credits service's CPU at high rates (request parsing,
 routing and middleware per call, for a few microseconds of ledger work). Settlements are queued
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shared.errors import AppError, ServiceUnavailable
+from shared.redis_holds import PlacedHold
 
 from .downstream import CreditsClient, DownstreamError
 
@@ -32,14 +34,9 @@ log = logging.getLogger("proxy.settlements")
 @dataclass(slots=True)
 class _Item:
     reservation_id: str
-    charged: int  # 0 releases the hold
+    payload: dict[str, Any]
     future: asyncio.Future[dict[str, Any]]
     attempts: int = field(default=0)
-
-    def payload(self) -> dict[str, Any]:
-        if self.charged > 0:
-            return {"reservation_id": self.reservation_id, "action": "commit", "amount": self.charged}
-        return {"reservation_id": self.reservation_id, "action": "release"}
 
 
 class SettlementBatcher:
@@ -68,11 +65,24 @@ class SettlementBatcher:
     def submit(self, reservation_id: str, charged: int) -> asyncio.Future[dict[str, Any]]:
         """Queues a commit of `charged` (a release when 0); the future gets credits' answer for it
         (the body the single endpoint returns), or the error it refused with."""
+        if charged > 0:
+            payload = {"reservation_id": reservation_id, "action": "commit", "amount": charged}
+        else:
+            payload = {"reservation_id": reservation_id, "action": "release"}
+        return self._queue(reservation_id, payload)
+
+    def record(self, placed: PlacedHold) -> asyncio.Future[dict[str, Any]]:
+        """Queues the record of a hold placed in Redis; the future gets credits' answer (201 and the
+        reservation) or the error it refused with (402: lost with Redis, 409: past its deadline).
+        Settle such a hold only after this answer: before it, credits does not know the hold."""
+        return self._queue(placed.reservation_id, placed.record())
+
+    def _queue(self, reservation_id: str, payload: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
         loop = asyncio.get_running_loop()
         if self._runner is None:
             self._runner = loop.create_task(self._run(), name="proxy-settlements")
         future: asyncio.Future[dict[str, Any]] = loop.create_future()
-        self._pending.append(_Item(reservation_id, charged, future))
+        self._pending.append(_Item(reservation_id, payload, future))
         self._wake.set()
         return future
 
@@ -107,7 +117,7 @@ class SettlementBatcher:
     async def _send(self, batch: list[_Item]) -> None:
         try:
             try:
-                data = await self.credits.settle_batch([item.payload() for item in batch])
+                data = await self.credits.settle_batch([item.payload for item in batch])
                 results = data["results"]
                 if not isinstance(results, list) or len(results) != len(batch):
                     raise ServiceUnavailable("The credits service answered a malformed batch.")
@@ -125,7 +135,7 @@ class SettlementBatcher:
                 return
             for item, result in zip(batch, results, strict=True):
                 status = result.get("status") if isinstance(result, dict) else None
-                if status == 200:
+                if isinstance(status, int) and 200 <= status < 300:
                     if not item.future.done():
                         item.future.set_result(result)
                 elif isinstance(status, int) and status >= 500:

@@ -1,6 +1,7 @@
 """A proxy process killed while its settlement batch is in flight: the request was served, credits
 never heard of its commit, so the hold expires back to the user — no charge, no phantom hold, and
-the ledger stays consistent."""
+the ledger stays consistent. With holds placed in Redis (the fast path) the batch in flight is the
+hold's record itself: credits never learns of the hold, which lapses in Redis at its deadline."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import signal
 from typing import Any
 
 import httpx
+import orjson
+import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -44,11 +47,14 @@ def _front(credits_url: str, batches: list[bytes]) -> Starlette:
     return Starlette(routes=[Route("/{path:path}", forward, methods=methods)])
 
 
-async def test_proxy_killed_before_its_commit_reaches_credits_charges_nothing(  # type: ignore[no-untyped-def]
-    make_database_url, redis_url, rabbitmq_url, broker_namespace, standin: StandinServer
+@pytest.mark.parametrize("holds_via", ["http", "redis"])
+async def test_proxy_killed_before_its_settlement_reaches_credits_charges_nothing(  # type: ignore[no-untyped-def]
+    make_database_url, redis_url, rabbitmq_url, broker_namespace, standin: StandinServer, holds_via: str
 ) -> None:
     settings = CreditsSettings(
-        database_url=make_database_url("settle_crash"),
+        database_url=make_database_url(f"settle_crash_{holds_via}"),
+        redis_namespace=f"credits-crash-{os.urandom(3).hex()}",
+        orphan_grace_seconds=0.5,
         redis_url=redis_url,
         rabbitmq_url=rabbitmq_url,
         broker_namespace=broker_namespace,
@@ -74,6 +80,9 @@ async def test_proxy_killed_before_its_commit_reaches_credits_charges_nothing(  
             "BROKER_NAMESPACE": broker_namespace,
             "WORKER_ENABLED": "0",
             "LOG_LEVEL": "WARNING",
+            "CREDITS_REDIS_URL": redis_url if holds_via == "redis" else "",
+            "CREDITS_REDIS_NAMESPACE": settings.redis_namespace,
+            "RESERVATION_TTL_SECONDS": "2",
         }
         # Started from a thread: its readiness wait blocks, and credits and the front run in this loop.
         stack = contextlib.ExitStack()
@@ -87,7 +96,7 @@ async def test_proxy_killed_before_its_commit_reaches_credits_charges_nothing(  
                 )
             assert r.status_code == 200, r.text
             assert r.headers["x-credits-charged"] == "1"
-            await eventually(lambda: bool(batches), timeout=20)  # the commit is on its way...
+            await eventually(lambda: bool(batches), timeout=20)  # the settlement is on its way...
             held = (await credits.get(f"/v1/users/{user_id}/credits")).json()
             assert held["credits_reserved"] == 1 and held["credits_remaining"] == 4
             os.killpg(proc.pid, signal.SIGKILL)  # ...and its sender dies before credits answers it
@@ -104,3 +113,12 @@ async def test_proxy_killed_before_its_commit_reaches_credits_charges_nothing(  
         assert account["credits_lifetime_used"] == 0
         ledger = (await credits.get(f"/v1/users/{user_id}/transactions")).json()["data"]
         assert [(e["type"], e["amount"]) for e in ledger] == [("signup_bonus", 5)]
+        (item,) = orjson.loads(batches[0])["items"]
+        rid = item["reservation_id"]
+        if holds_via == "redis":
+            # The hold never reached PostgreSQL: credits does not know it, and it is gone from Redis.
+            assert item["action"] == "hold"
+            assert (await credits.get(f"/v1/reservations/{rid}")).status_code == 404
+        else:
+            assert item["action"] == "commit"
+            assert (await credits.get(f"/v1/reservations/{rid}")).json()["status"] == "expired"

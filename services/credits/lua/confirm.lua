@@ -2,7 +2,9 @@
 -- the rebuild may have missed it; put it back if the credits are still available.
 -- KEYS[1]  credits:{<user_id>}:acct, KEYS[2] credits:{<user_id>}:deadlines (as in reserve.lua)
 -- ARGV[1]  reservation id, ARGV[2] held credits, ARGV[3] idempotency key or "", ARGV[4] epoch seen by
---          reserve, ARGV[5] deadline (ms since epoch)
+--          reserve, ARGV[5] deadline (ms since epoch), ARGV[6] "strict" for a hold placed outside the
+--          credits service (the proxy's fast path): under an unchanged epoch it must still be in Redis
+--          (it could have been dropped past its deadline, or never placed), so the epoch alone is no proof
 -- Returns {1, available} when the hold stands (or the account is not loaded: the next rebuild reads
 -- the persisted hold), {0, available} when it could not be restored (the caller fails the reserve).
 local acct, deadlines = KEYS[1], KEYS[2]
@@ -11,7 +13,13 @@ if redis.call('EXISTS', acct) == 0 then
 end
 local vals = redis.call('HMGET', acct, 'b', 'd', 'e')
 local available = tonumber(vals[1]) - tonumber(vals[2])
-if vals[3] == ARGV[4] or redis.call('HEXISTS', acct, 'h:' .. ARGV[1]) == 1 then
+if redis.call('HEXISTS', acct, 'h:' .. ARGV[1]) == 1 then
+  return {1, available}
+end
+if vals[3] == ARGV[4] then
+  if ARGV[6] == 'strict' then
+    return {0, available}
+  end
   return {1, available}
 end
 local amount = tonumber(ARGV[2])

@@ -1,0 +1,99 @@
+"""Holds placed straight in Redis with the credits service's own `reserve.lua` (the proxy's fast path).
+
+The credits service owns the scripts and the key layout; this module is the one place both are named,
+so the credits adapter (`services/credits/holds.py`) and the proxy's fast path cannot drift apart.
+
+A hold placed here exists only in Redis until the credits service records it in PostgreSQL
+(`POST /v1/reservations/batch`, action "hold"). Until then it behaves like a hold whose process died
+mid-reserve: if it is never recorded, the scripts drop it after its deadline plus the grace period,
+and the credits come back; nothing reaches the ledger. Only the plain case runs here (the account is
+loaded and covers the amount); everything else (an account to rebuild, too few credits, idempotency
+keys, Redis unreachable) answers None and the caller goes through the credits service's HTTP API.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+log = logging.getLogger("shared.redis_holds")
+
+DEFAULT_NAMESPACE = "credits"
+
+
+def credits_script(name: str) -> str:
+    """The text of one of the credits service's Lua scripts (`services/credits/lua/<name>`)."""
+    return resources.files("services.credits").joinpath("lua", name).read_text(encoding="utf-8")
+
+
+def user_keys(namespace: str, user_id: str) -> list[str]:
+    """A user's account hash and deadline set; the hash tag keeps both in one Cluster slot."""
+    return [f"{namespace}:{{{user_id}}}:acct", f"{namespace}:{{{user_id}}}:deadlines"]
+
+
+@dataclass(frozen=True, slots=True)
+class PlacedHold:
+    reservation_id: str
+    user_id: str
+    amount: int
+    available: int  # the user's credits available once this hold is placed
+    epoch: str  # the account's load epoch the hold was placed under
+    deadline_ms: int
+
+    def record(self, kind: str = "usage") -> dict[str, Any]:
+        """The item that asks credits to record this hold (`POST /v1/reservations/batch`)."""
+        return {
+            "action": "hold",
+            "reservation_id": self.reservation_id,
+            "user_id": self.user_id,
+            "amount": self.amount,
+            "epoch": self.epoch,
+            "deadline_ms": self.deadline_ms,
+            "kind": kind,
+        }
+
+
+class RedisHolds:
+    """Places holds with `reserve.lua` against the credits service's Redis and key namespace."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis[Any],
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        ttl_seconds: int = 600,
+        grace_ms: int = 5000,
+    ) -> None:
+        self.client = client
+        self.namespace = namespace
+        self.ttl_ms = ttl_seconds * 1000
+        self.grace_ms = grace_ms
+        self._reserve = client.register_script(credits_script("reserve.lua"))
+
+    async def place(self, user_id: str, amount: int) -> PlacedHold | None:
+        """Holds `amount` of the user's credits, or None when the credits service must decide."""
+        now_ms = int(time.time() * 1000)
+        reservation_id = str(uuid.uuid4())
+        deadline_ms = now_ms + self.ttl_ms
+        try:
+            raw = await self._reserve(
+                keys=user_keys(self.namespace, user_id),
+                args=[reservation_id, amount, "", "exact", deadline_ms, now_ms - self.grace_ms],
+            )
+        except (RedisError, OSError):
+            log.warning("placing a hold in Redis failed; asking the credits service", exc_info=True)
+            return None
+        if int(raw[0]) != 1:
+            return None
+        epoch = raw[2].decode() if isinstance(raw[2], bytes) else str(raw[2])
+        return PlacedHold(reservation_id, user_id, int(raw[3]), int(raw[1]), epoch, deadline_ms)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()  # type: ignore[attr-defined]  # stubs predate redis-py 5
