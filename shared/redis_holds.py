@@ -76,9 +76,22 @@ class RedisHolds:
         self.ttl_ms = ttl_seconds * 1000
         self.grace_ms = grace_ms
         self._reserve = client.register_script(credits_script("reserve.lua"))
+        # After a failure Redis is left alone this long: every request meanwhile goes to the credits
+        # service at once instead of each paying for its own failed attempt.
+        self.retry_after_seconds = 1.0
+        self._skip_until = 0.0
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> RedisHolds:
+        # Short timeouts: a Redis that does not answer costs a request at most this before the
+        # credits service takes over (a hold placed but unanswered lapses at its deadline).
+        client = aioredis.from_url(url, socket_connect_timeout=0.5, socket_timeout=1.0)
+        return cls(client, **kwargs)
 
     async def place(self, user_id: str, amount: int) -> PlacedHold | None:
         """Holds `amount` of the user's credits, or None when the credits service must decide."""
+        if self._skip_until and time.monotonic() < self._skip_until:
+            return None
         now_ms = int(time.time() * 1000)
         reservation_id = str(uuid.uuid4())
         deadline_ms = now_ms + self.ttl_ms
@@ -88,8 +101,10 @@ class RedisHolds:
                 args=[reservation_id, amount, "", "exact", deadline_ms, now_ms - self.grace_ms],
             )
         except (RedisError, OSError):
+            self._skip_until = time.monotonic() + self.retry_after_seconds
             log.warning("placing a hold in Redis failed; asking the credits service", exc_info=True)
             return None
+        self._skip_until = 0.0
         if int(raw[0]) != 1:
             return None
         epoch = raw[2].decode() if isinstance(raw[2], bytes) else str(raw[2])

@@ -55,8 +55,8 @@ class Proxy:
         )
         redis_holds = None
         if settings.credits_redis_url:
-            redis_holds = RedisHolds(
-                aioredis.from_url(settings.credits_redis_url),
+            redis_holds = RedisHolds.from_url(
+                settings.credits_redis_url,
                 namespace=settings.credits_redis_namespace,
                 ttl_seconds=settings.reservation_ttl_seconds,
             )
