@@ -276,8 +276,8 @@ def main() -> None:
         "--holds",
         choices=("redis", "http"),
         default="redis",
-        help="where the proxy places holds: straight in credits' Redis (CREDITS_REDIS_URL, the default"
-        " deployment) or through credits' HTTP reserve",
+        help="where the proxy places holds: straight in credits' Redis (the default) or through"
+        " credits' HTTP reserve (HOLDS_IN_REDIS=0)",
     )
     args = parser.parse_args()
 
@@ -319,7 +319,7 @@ def main() -> None:
                     "OPENAI_BASE_URL": f"{standin}/v1",
                     "OPENAI_API_KEY": "sk-bench",
                     "WORKER_ENABLED": "0",
-                    "CREDITS_REDIS_URL": common["REDIS_URL"] if args.holds == "redis" else "",
+                    "HOLDS_IN_REDIS": "1" if args.holds == "redis" else "0",
                 },
                 f"{proxy}/healthz",
             )

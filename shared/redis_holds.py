@@ -13,6 +13,7 @@ keys, Redis unreachable) answers None and the caller goes through the credits se
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -80,12 +81,20 @@ class RedisHolds:
         # service at once instead of each paying for its own failed attempt.
         self.retry_after_seconds = 1.0
         self._skip_until = 0.0
+        # The longest a request waits for Redis (a connection, the handshake, the answer) before the
+        # credits service takes over. Generous: a script that ran but whose answer was given up on
+        # holds credits that nobody records until its deadline.
+        self.answer_timeout_seconds = 3.0
 
     @classmethod
-    def from_url(cls, url: str, **kwargs: Any) -> RedisHolds:
-        # Short timeouts: a Redis that does not answer costs a request at most this before the
-        # credits service takes over (a hold placed but unanswered lapses at its deadline).
-        client = aioredis.from_url(url, socket_connect_timeout=0.5, socket_timeout=1.0)
+    def from_url(cls, url: str, *, max_connections: int = 64, **kwargs: Any) -> RedisHolds:
+        # A blocking pool: a burst waits (up to a second) for one of a few connections rather than
+        # opening hundreds; then the credits service takes over. A Redis that cannot be reached
+        # costs at most the connect timeout (which also covers the handshake); `place` bounds the rest.
+        pool: aioredis.BlockingConnectionPool[Any] = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=1.0, socket_connect_timeout=2.0
+        )
+        client = aioredis.Redis.from_pool(pool)  # type: ignore[attr-defined]  # stubs predate redis-py 5
         return cls(client, **kwargs)
 
     async def place(self, user_id: str, amount: int) -> PlacedHold | None:
@@ -96,11 +105,12 @@ class RedisHolds:
         reservation_id = str(uuid.uuid4())
         deadline_ms = now_ms + self.ttl_ms
         try:
-            raw = await self._reserve(
-                keys=user_keys(self.namespace, user_id),
-                args=[reservation_id, amount, "", "exact", deadline_ms, now_ms - self.grace_ms],
-            )
-        except (RedisError, OSError):
+            async with asyncio.timeout(self.answer_timeout_seconds):
+                raw = await self._reserve(
+                    keys=user_keys(self.namespace, user_id),
+                    args=[reservation_id, amount, "", "exact", deadline_ms, now_ms - self.grace_ms],
+                )
+        except (RedisError, OSError, TimeoutError):
             self._skip_until = time.monotonic() + self.retry_after_seconds
             log.warning("placing a hold in Redis failed; asking the credits service", exc_info=True)
             return None

@@ -76,7 +76,12 @@ class Runtime:
         pool = await asyncpg.create_pool(
             asyncpg_dsn(settings.database_url), min_size=2, max_size=settings.db_pool_size
         )
-        redis = aioredis.from_url(settings.redis_url, max_connections=200)
+        # A blocking pool: past 200 commands in flight a caller waits for a connection (up to 5 s)
+        # instead of failing with MaxConnectionsError, so a burst queues rather than 503s.
+        # from_pool: closing the client closes the pool (the stubs predate redis-py 5).
+        redis: aioredis.Redis[Any] = aioredis.Redis.from_pool(  # type: ignore[attr-defined]
+            aioredis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=200, timeout=5)
+        )
         holds = Holds(
             redis,
             settings.deadline_shards,

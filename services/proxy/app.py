@@ -54,10 +54,10 @@ class Proxy:
             settings.packs_cache_seconds,
         )
         redis_holds = None
-        if settings.credits_redis_url:
+        if settings.holds_in_redis:
             redis_holds = RedisHolds.from_url(
-                settings.credits_redis_url,
-                namespace=settings.credits_redis_namespace,
+                settings.redis_url,
+                namespace=settings.redis_namespace,
                 ttl_seconds=settings.reservation_ttl_seconds,
             )
         return cls(

@@ -24,13 +24,15 @@ class ProxySettings(SharedSettings):
     upstream_max_connections: int = 512
 
     pricing_file: str | None = None
+    # Redis, shared with credits: the worker's job records, and the holds of the fast path.
     redis_url: str = "redis://localhost:6379/0"
-    # The credits service's Redis (its REDIS_URL) and key namespace (its REDIS_NAMESPACE). When set,
-    # holds are placed there directly with credits' own reserve.lua and recorded at credits in the
-    # background; empty: every hold is an HTTP call to credits.
-    credits_redis_url: str = ""
-    credits_redis_namespace: str = "credits"
-    # Lifetime of a hold placed in Redis (as credits' RESERVATION_TTL_SECONDS for the holds it places).
+    # Holds are placed straight in credits' Redis with credits' own reserve.lua, under credits' key
+    # namespace (credits' REDIS_NAMESPACE), and recorded at credits in the background. Off: every
+    # hold is an HTTP call to credits. A REDIS_URL that is not credits' Redis costs only speed:
+    # the accounts are never found loaded there, so every hold goes to credits.
+    holds_in_redis: bool = True
+    redis_namespace: str = "credits"
+    # Lifetime of a hold placed in Redis (credits' RESERVATION_TTL_SECONDS for the holds it places).
     reservation_ttl_seconds: int = 600
 
     # A verified API key is trusted this long; a revoked key therefore stops working within it.

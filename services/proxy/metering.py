@@ -1,8 +1,8 @@
 """Charging for a request: hold its price before the upstream call, then commit what was used or
 release the hold.
 
-The hold is the only step on the request path. With the credits service's Redis configured
-(`CREDITS_REDIS_URL`), the hold is placed there directly with credits' own reserve.lua (one round
+The hold is the only step on the request path. Unless `HOLDS_IN_REDIS` is off, the hold is placed
+in the credits service's Redis (`REDIS_URL`) directly with credits' own reserve.lua (one round
 trip, no HTTP call, no PostgreSQL write on the path) and recorded at credits in the background, in
 the same batches as the settlements; anything but the plain case (account not loaded, too few
 credits, an idempotency key, Redis unreachable) goes to credits' HTTP reserve, which decides it.

@@ -109,8 +109,6 @@ async def proxy(  # type: ignore[no-untyped-def]
         pricing_file=pricing_file,
         upstream_timeout_seconds=2.0,
         worker_retry_base_seconds=0.05,
-        # Holds go through the Redis fast path, as in production; tests of the HTTP path turn it off.
-        credits_redis_url=redis_url,
     ) as running:
         yield running
 

@@ -80,8 +80,8 @@ async def test_proxy_killed_before_its_settlement_reaches_credits_charges_nothin
             "BROKER_NAMESPACE": broker_namespace,
             "WORKER_ENABLED": "0",
             "LOG_LEVEL": "WARNING",
-            "CREDITS_REDIS_URL": redis_url if holds_via == "redis" else "",
-            "CREDITS_REDIS_NAMESPACE": settings.redis_namespace,
+            "HOLDS_IN_REDIS": "1" if holds_via == "redis" else "0",
+            "REDIS_NAMESPACE": settings.redis_namespace,
             "RESERVATION_TTL_SECONDS": "2",
         }
         # Started from a thread: its readiness wait blocks, and credits and the front run in this loop.
