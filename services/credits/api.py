@@ -12,7 +12,7 @@ from starlette.routing import Match, Route
 from starlette.types import Scope
 
 from services.credits.apikeys import ApiKeys
-from services.credits.ledger import Ledger, PlacedHold, ReserveResult, SettleResult, valid_user_id
+from services.credits.ledger import HoldToRecord, Ledger, ReserveResult, SettleResult, valid_user_id
 from services.credits.store import Reservation
 from shared.auth import admin_only, bearer_token, internal_only, token_matches
 from shared.bodies import json_body, optional_json_body
@@ -323,36 +323,36 @@ async def settle_batch(request: Request) -> JsonResponse:
     ledger: Ledger = request.app.state.ledger
     settles = [item for item in body.items if isinstance(item, SettleItem)]
     holds = [item for item in body.items if isinstance(item, HoldItem)]
-    for item in holds:
-        checked_user(item.user_id)
+    for hold in holds:
+        checked_user(hold.user_id)
+    # Records and settlements run side by side; their answers go back in the items' order.
     settled, recorded = await asyncio.gather(
-        ledger.settle_many([(i.reservation_id, i.action, i.amount) for i in settles]) if settles else _none(),
+        ledger.settle_many([(i.reservation_id, i.action, i.amount) for i in settles]),
         ledger.record_holds(
-            [PlacedHold(i.reservation_id, i.user_id, i.amount, i.epoch, i.deadline_ms, i.kind) for i in holds]
-        )
-        if holds
-        else _none(),
+            [
+                HoldToRecord(i.reservation_id, i.user_id, i.amount, i.epoch, i.deadline_ms, i.kind)
+                for i in holds
+            ]
+        ),
     )
-    answers: dict[int, dict[str, Any]] = {}
-    for settle, outcome in zip(settles, settled, strict=True):
-        if isinstance(outcome, AppError):
-            answers[id(settle)] = _item_error(settle.reservation_id, outcome)
+    settled_in_order, recorded_in_order = iter(settled), iter(recorded)
+    results: list[dict[str, Any]] = []
+    for item in body.items:
+        if isinstance(item, HoldItem):
+            outcome: Any = next(recorded_in_order)
+            answer = None if isinstance(outcome, AppError) else {"status": 201, **recorded_body(outcome)}
         else:
-            answers[id(settle)] = {"status": 200, **settle_body(outcome, commit=settle.action == "commit")}
-    for hold, recorded_hold in zip(holds, recorded, strict=True):
-        if isinstance(recorded_hold, AppError):
-            answers[id(hold)] = _item_error(hold.reservation_id, recorded_hold)
-        else:
-            answers[id(hold)] = {"status": 201, **recorded_body(recorded_hold)}
-    return JsonResponse({"results": [answers[id(item)] for item in body.items]})
-
-
-async def _none() -> list[Any]:
-    return []
-
-
-def _item_error(reservation_id: str, error: AppError) -> dict[str, Any]:
-    return {"reservation_id": reservation_id, "status": error.status_code, **error.body()}
+            outcome = next(settled_in_order)
+            commit = item.action == "commit"
+            answer = (
+                None
+                if isinstance(outcome, AppError)
+                else {"status": 200, **settle_body(outcome, commit=commit)}
+            )
+        if answer is None:
+            answer = {"reservation_id": item.reservation_id, "status": outcome.status_code, **outcome.body()}
+        results.append(answer)
+    return JsonResponse({"results": results})
 
 
 async def verify_api_key(request: Request) -> JsonResponse:

@@ -70,7 +70,7 @@ class Holds:
         self._view = client.register_script(_script("view.lua"))
 
     def account_key(self, user_id: str) -> str:
-        return f"{self.namespace}:{{{user_id}}}:acct"
+        return user_keys(self.namespace, user_id)[0]
 
     def keys(self, user_id: str) -> list[str]:
         return user_keys(self.namespace, user_id)

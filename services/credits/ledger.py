@@ -40,6 +40,8 @@ log = logging.getLogger("credits.ledger")
 
 Clock = Callable[[], datetime]
 
+_HOLD_LOST = "The hold is no longer in Redis and the balance no longer covers it."
+
 # CONTRACT §4 names business among the tiers that unlock the API but gives it no amount; it sits
 # between pro and enterprise, and is migrated like enterprise.
 MIGRATION_CREDITS = {
@@ -88,7 +90,7 @@ class SettleResult:
 
 
 @dataclass(frozen=True)
-class PlacedHold:
+class HoldToRecord:
     """A hold another process placed in Redis with reserve.lua (the proxy's fast path), to record."""
 
     reservation_id: str
@@ -507,10 +509,7 @@ class Ledger:
             available, _ = await self.live(user_id)
             return ReserveResult(found, available)
         if persisted is Persisted.LOST:
-            async with self.engine.begin() as conn:
-                await store.lock_accounts_key_share(conn, [user_id])
-                await store.end_reservation(conn, rid, "released", self.clock())
-            await self._sync([_Sync(user_id, ended=(rid,))])
+            await self._release_lost(user_id, rid)
             if count_metrics:
                 metrics.RESERVATIONS_INSUFFICIENT.inc()
             raise InsufficientCredits()
@@ -522,7 +521,7 @@ class Ledger:
         )
         return ReserveResult(reservation, outcome.available)
 
-    async def record_holds(self, placed: Sequence[PlacedHold]) -> list[Reservation | AppError]:
+    async def record_holds(self, placed: Sequence[HoldToRecord]) -> list[Reservation | AppError]:
         """Records holds placed straight in Redis (by the proxy, with this service's reserve.lua), each
         idempotent by reservation id, through the same group commit as `reserve`. Until recorded such
         a hold lives only in Redis, where it lapses after its deadline if it never gets here.
@@ -530,12 +529,14 @@ class Ledger:
         A hold that is no longer in Redis is refused and recorded as released, so it can never be
         committed: past its deadline (409), never placed, or lost with a Redis wipe when the rebuilt
         balance no longer covers it (402). Returns, per hold, its reservation or the refusal."""
+        if not placed:
+            return []
         now = self.clock()
         now_ms = _ms(now)
         longest_ms = now_ms + self.settings.max_reservation_ttl_seconds * 1000
         known = await store.known_users(self.pool, sorted({p.user_id for p in placed}))
 
-        async def record(p: PlacedHold) -> Reservation | AppError:
+        async def record(p: HoldToRecord) -> Reservation | AppError:
             if not _is_uuid(p.reservation_id):
                 return InvalidRequest("reservation_id must be a UUID.")
             rid = _canonical_uuid(p.reservation_id)
@@ -557,27 +558,29 @@ class Ledger:
                 metrics.CREDITS_RESERVED.inc(p.amount)
                 return Reservation(rid, p.user_id, p.amount, None, p.kind, "held", None, expires_at, now)
             if persisted is Persisted.LOST:
-                async with self.engine.begin() as conn:
-                    await store.lock_accounts_key_share(conn, [p.user_id])
-                    await store.end_reservation(conn, rid, "released", self.clock())
+                await self._release_lost(p.user_id, rid)
                 metrics.RESERVATIONS_INSUFFICIENT.inc()
-                return InsufficientCredits(
-                    "The hold is no longer in Redis and the balance no longer covers it."
-                )
+                return InsufficientCredits(_HOLD_LOST)
             # Recorded before: a retried batch whose answer was lost. Answer as the first time.
             async with self.engine.connect() as conn:
                 found = await store.get_reservation(conn, rid)
             if found is None or found.user_id != p.user_id or found.amount != p.amount:
                 return Conflict(f"Reservation {rid} is already recorded with other terms.")
             if found.status == "released" and found.charged is None:
-                return InsufficientCredits(
-                    "The hold is no longer in Redis and the balance no longer covers it."
-                )
+                return InsufficientCredits(_HOLD_LOST)
             if found.status == "expired":
                 return Conflict(f"Reservation {rid} expired before it was recorded.")
             return found
 
         return list(await asyncio.gather(*(record(p) for p in placed)))
+
+    async def _release_lost(self, user_id: str, rid: str) -> None:
+        """Ends a recorded hold that Redis lost (and could not take back) as released, so it can never
+        be committed."""
+        async with self.engine.begin() as conn:
+            await store.lock_accounts_key_share(conn, [user_id])
+            await store.end_reservation(conn, rid, "released", self.clock())
+        await self._sync([_Sync(user_id, ended=(rid,))])
 
     async def _undo_hold(self, user_id: str, rid: str) -> None:
         try:

@@ -25,7 +25,14 @@ from shared.errors import AppError, InsufficientCredits, ServiceUnavailable
 from shared.redis_holds import RedisHolds
 
 from .downstream import CreditsClient, DownstreamError, Reservation
-from .metrics import CREDITS_CHARGED, HOLDS_LOST, HOLDS_PLACED, REQUESTS_REFUSED, SETTLEMENT_FAILURES
+from .metrics import (
+    CREDITS_CHARGED,
+    HOLDS_LOST,
+    HOLDS_PLACED_IN_REDIS,
+    HOLDS_PLACED_OVER_HTTP,
+    REQUESTS_REFUSED,
+    SETTLEMENT_FAILURES,
+)
 from .pricing import Plan, Price, apply_output_cap, plan, usage_tokens
 from .settlements import SettlementBatcher
 
@@ -103,12 +110,12 @@ class Meter:
         if self.redis_holds is not None and idempotency_key is None:
             placed = await self.redis_holds.place(user_id, first.reserve)
             if placed is not None:
-                HOLDS_PLACED.labels("redis").inc()
+                HOLDS_PLACED_IN_REDIS.inc()
                 reservation = Reservation(placed.reservation_id, placed.amount, placed.available)
                 hold = Hold(user_id, operation, price, first, reservation)
                 hold.recorded = self.settlements.record(placed)
                 return hold, self._cap(body, first)
-        HOLDS_PLACED.labels("http").inc()
+        HOLDS_PLACED_OVER_HTTP.inc()
         try:
             try:
                 reservation = await self.credits.reserve(user_id, first.reserve, idempotency_key)

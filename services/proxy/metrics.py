@@ -35,3 +35,6 @@ HOLDS_LOST = Counter(
     "Holds placed in Redis that credits refused to record (lost with Redis, or past their deadline);"
     " their requests go uncharged",
 )
+# Resolved once: a label lookup on every request would cost more than the increment.
+HOLDS_PLACED_IN_REDIS = HOLDS_PLACED.labels("redis")
+HOLDS_PLACED_OVER_HTTP = HOLDS_PLACED.labels("http")

@@ -152,6 +152,21 @@ async def test_bad_hold_items_change_nothing(
     assert [(h["amount"], h["status"]) for h in s["holds"]] == [(2, "held")]
 
 
+async def _placed_then_wiped(
+    client: httpx.AsyncClient,
+    check: Checker,
+    redis_holds: RedisHolds,
+    redis_client: aioredis.Redis,
+    user_id: str,
+) -> PlacedHold:
+    """A hold of 4 of the user's 10 credits placed in Redis, then the user's Redis keys lost."""
+    await _user(client, check, user_id)
+    placed = await redis_holds.place(user_id, 4)
+    assert placed is not None
+    await redis_client.delete(*check.credits.app.state.ledger.holds.keys(user_id))
+    return placed
+
+
 async def test_redis_wiped_before_the_record_restores_the_hold_when_the_balance_still_covers_it(
     client: httpx.AsyncClient,
     check: Checker,
@@ -159,10 +174,7 @@ async def test_redis_wiped_before_the_record_restores_the_hold_when_the_balance_
     redis_client: aioredis.Redis,
     user_id: str,
 ) -> None:
-    await _user(client, check, user_id)
-    placed = await redis_holds.place(user_id, 4)
-    assert placed is not None
-    await redis_client.delete(*check.credits.app.state.ledger.holds.keys(user_id))
+    placed = await _placed_then_wiped(client, check, redis_holds, redis_client, user_id)
     # The rebuild (from PostgreSQL, which has not heard of the hold) reads 10 available...
     assert (await client.get(f"/v1/users/{user_id}/credits")).json()["credits_remaining"] == 10
     (result,) = await _record(client, placed)
@@ -182,10 +194,7 @@ async def test_redis_wiped_before_the_record_and_the_balance_spent_refuses_the_h
     redis_client: aioredis.Redis,
     user_id: str,
 ) -> None:
-    await _user(client, check, user_id)
-    placed = await redis_holds.place(user_id, 4)
-    assert placed is not None
-    await redis_client.delete(*check.credits.app.state.ledger.holds.keys(user_id))
+    placed = await _placed_then_wiped(client, check, redis_holds, redis_client, user_id)
     # After the rebuild all 10 credits look free, and another request takes 8 of them.
     other = await client.post("/v1/reservations", json={"user_id": user_id, "amount": 8})
     assert other.status_code == 201, other.text
