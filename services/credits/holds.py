@@ -31,8 +31,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from shared.redis_holds import credits_script as _script
-from shared.redis_holds import user_keys
+from shared.redis_holds import LuaScript, user_keys
 
 SEPARATOR = "\x1f"  # user ids never contain control characters
 
@@ -62,12 +61,12 @@ class Holds:
         self.namespace = namespace
         self.deadline_shards = deadline_shards
         self.grace_ms = grace_ms
-        # Registered once; redis-py sends EVALSHA and loads the script again only after a NOSCRIPT.
-        self._reserve = client.register_script(_script("reserve.lua"))
-        self._apply = client.register_script(_script("apply.lua"))
-        self._load = client.register_script(_script("load.lua"))
-        self._confirm = client.register_script(_script("confirm.lua"))
-        self._view = client.register_script(_script("view.lua"))
+        # Sent as EVALSHA; a script is loaded again only after a NOSCRIPT.
+        self._reserve = LuaScript("reserve.lua")
+        self._apply = LuaScript("apply.lua", idempotent=True)
+        self._load = LuaScript("load.lua")
+        self._confirm = LuaScript("confirm.lua", idempotent=True)
+        self._view = LuaScript("view.lua")
 
     def account_key(self, user_id: str) -> str:
         return user_keys(self.namespace, user_id)[0]
@@ -93,8 +92,9 @@ class Holds:
         up_to: bool = False,
     ) -> ReserveOutcome:
         raw = await self._reserve(
-            keys=self.keys(user_id),
-            args=[
+            self.client,
+            self.keys(user_id),
+            [
                 reservation_id,
                 amount,
                 idempotency_key or "",
@@ -118,7 +118,7 @@ class Holds:
     ) -> int | None:
         """Reflects a committed PostgreSQL change. Returns available credits, or None if not loaded."""
         args: list[Any] = ["" if balance is None else balance, "" if version is None else version, *ended]
-        result = int(await self._apply(keys=self.keys(user_id), args=args))
+        result = int(await self._apply(self.client, self.keys(user_id), args))
         return None if result == -1 else result
 
     async def apply_many(
@@ -128,11 +128,16 @@ class Holds:
         script still touches one user's keys only. Returns available credits (None: not loaded)."""
         if not changes:
             return []
-        pipe = self.client.pipeline(transaction=False)
-        for user_id, balance, version, ended in changes:
-            args: list[Any] = ["" if balance is None else balance, "" if version is None else version, *ended]
-            await self._apply(keys=self.keys(user_id), args=args, client=pipe)
-        replies = await pipe.execute()
+        replies = await self._apply.many(
+            self.client,
+            [
+                (
+                    self.keys(user_id),
+                    ["" if balance is None else balance, "" if version is None else version, *ended],
+                )
+                for user_id, balance, version, ended in changes
+            ],
+        )
         return [None if int(r) == -1 else int(r) for r in replies]
 
     async def load(
@@ -147,18 +152,20 @@ class Holds:
         args: list[Any] = [balance, version, epoch]
         for rid, amount, key, deadline_ms in holds:
             args += [rid, amount, key or "", deadline_ms]
-        return int(await self._load(keys=self.keys(user_id), args=args))
+        return int(await self._load(self.client, self.keys(user_id), args))
 
     async def confirm(self, items: Sequence[tuple[str, str, int, str | None, str, int, bool]]) -> list[bool]:
         """items: (user_id, reservation_id, amount, idempotency_key, epoch, deadline_ms, strict);
         strict for holds placed outside this service (see confirm.lua)."""
         if not items:
             return []
-        pipe = self.client.pipeline(transaction=False)
-        for user_id, rid, amount, key, epoch, deadline_ms, strict in items:
-            args: list[Any] = [rid, amount, key or "", epoch, deadline_ms, "strict" if strict else ""]
-            await self._confirm(keys=self.keys(user_id), args=args, client=pipe)
-        results = await pipe.execute()
+        results = await self._confirm.many(
+            self.client,
+            [
+                (self.keys(user_id), [rid, amount, key or "", epoch, deadline_ms, "strict" if strict else ""])
+                for user_id, rid, amount, key, epoch, deadline_ms, strict in items
+            ],
+        )
         return [int(r[0]) == 1 for r in results]
 
     async def index_deadlines(self, holds: Sequence[tuple[str, str, int]]) -> None:
@@ -180,7 +187,7 @@ class Holds:
 
     async def snapshot(self, user_id: str, now_ms: int) -> tuple[int, int] | None:
         """(balance, held) or None if not loaded; drops dead holds first."""
-        raw = await self._view(keys=self.keys(user_id), args=[now_ms - self.grace_ms])
+        raw = await self._view(self.client, self.keys(user_id), [now_ms - self.grace_ms])
         if not raw:
             return None
         return int(raw[0]), int(raw[1])

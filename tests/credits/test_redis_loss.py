@@ -83,3 +83,36 @@ async def test_flushdb_during_concurrent_traffic(
     assert not [h for h in s["holds"] if h["status"] == "held"]
     acct = (await client.get(f"/v1/users/{user_id}/credits")).json()
     assert acct["credits_remaining"] == 200 - charged and acct["credits_reserved"] == 0
+
+
+async def test_scripts_flushed_as_by_a_redis_restart_are_loaded_again(
+    client: httpx.AsyncClient, check: Checker, redis_client: aioredis.Redis, user_id: str
+) -> None:
+    """A restarted Redis has neither the data nor the scripts: single calls and pipelined ones
+    (a batch of commits runs apply.lua once per item in one round trip) load them again and run once."""
+    assert (await client.post("/v1/users", json={"user_id": user_id})).status_code == 201
+    await client.post(
+        f"/v1/admin/users/{user_id}/grants",
+        json={"credits": 40, "reason": "test"},
+        headers={"Authorization": f"Bearer {check.credits.admin_token}"},
+    )
+    held = [
+        (await client.post("/v1/reservations", json={"user_id": user_id, "amount": 5})).json()[
+            "reservation_id"
+        ]
+        for _ in range(3)
+    ]
+    await redis_client.script_flush()
+    batch = await client.post(
+        "/v1/reservations/batch",
+        json={"items": [{"reservation_id": rid, "action": "commit"} for rid in held[:2]]},
+    )
+    assert [r["status"] for r in batch.json()["results"]] == [200, 200]
+    await redis_client.script_flush()
+    await redis_client.flushdb()
+    again = await client.post("/v1/reservations", json={"user_id": user_id, "amount": 1})
+    assert again.status_code == 201 and again.json()["credits_remaining"] == 50 - 10 - 5 - 1
+    await redis_client.script_flush()
+    released = await client.post(f"/v1/reservations/{held[2]}/release")
+    assert released.json()["refunded"] == 5 and released.json()["credits_remaining"] == 50 - 10 - 1
+    await check.consistent(user_id, client)
