@@ -8,8 +8,6 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
-from starlette.routing import Match, Route
-from starlette.types import Scope
 
 from services.credits.apikeys import ApiKeys
 from services.credits.ledger import HoldToRecord, Ledger, ReserveResult, SettleResult, valid_user_id
@@ -18,6 +16,7 @@ from shared.auth import admin_only, bearer_token, internal_only, token_matches
 from shared.bodies import json_body, optional_json_body
 from shared.errors import AppError, InvalidRequest, Unauthorized
 from shared.responses import JsonResponse
+from shared.web import TemplateRoute
 
 MAX_CREDITS = 10**12
 
@@ -363,21 +362,10 @@ async def verify_api_key(request: Request) -> JsonResponse:
     return JsonResponse(await keys.verify(body.key))
 
 
-class HotRoute(Route):
-    """Puts itself in the scope as FastAPI's routes do, so metrics and logs label requests by route
-    template (`/v1/reservations/{reservation_id}/commit`), never by the raw path."""
-
-    def matches(self, scope: Scope) -> tuple[Match, Scope]:
-        match, child = super().matches(scope)
-        if match is not Match.NONE:
-            child["route"] = self
-        return match, child
-
-
 hot_routes = [
-    HotRoute("/v1/reservations", reserve, methods=["POST"]),
-    HotRoute("/v1/reservations/batch", settle_batch, methods=["POST"]),
-    HotRoute("/v1/reservations/{reservation_id}/commit", commit, methods=["POST"]),
-    HotRoute("/v1/reservations/{reservation_id}/release", release, methods=["POST"]),
-    HotRoute("/v1/api-keys/verify", verify_api_key, methods=["POST"]),
+    TemplateRoute("/v1/reservations", reserve, methods=["POST"]),
+    TemplateRoute("/v1/reservations/batch", settle_batch, methods=["POST"]),
+    TemplateRoute("/v1/reservations/{reservation_id}/commit", commit, methods=["POST"]),
+    TemplateRoute("/v1/reservations/{reservation_id}/release", release, methods=["POST"]),
+    TemplateRoute("/v1/api-keys/verify", verify_api_key, methods=["POST"]),
 ]

@@ -209,8 +209,7 @@ def create_app(settings: CreditsSettings, *, clock: Clock = utcnow) -> FastAPI:
 
     for exc_type in (RedisError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError):
         app.add_exception_handler(exc_type, dependency_down)
-    # The hot routes go first so that routing tries them before the rest.
-    app.router.routes[0:0] = hot_routes
+    app.add_hot_routes(hot_routes)
     app.include_router(internal)
     app.include_router(admin)
     return app
