@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import os
+import random
 import sys
 import time
 
@@ -15,8 +15,10 @@ request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("req
 
 
 def new_request_id() -> str:
-    # 128 random bits as 32 hex digits, like uuid4().hex without building a UUID per request.
-    return os.urandom(16).hex()
+    # 128 random bits as 32 hex digits. A request id correlates log lines and grants nothing, so it
+    # comes from the process's seeded generator: os.urandom, a system call per request, showed in
+    # the services' profiles.
+    return f"{random.getrandbits(128):032x}"
 
 
 def current_request_id() -> str | None:
