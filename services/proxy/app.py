@@ -78,7 +78,12 @@ class Proxy:
                 positive_ttl=settings.api_key_cache_seconds,
                 negative_ttl=settings.api_key_negative_cache_seconds,
             ),
-            meter=Meter(credits, settings.low_balance_threshold, redis_holds),
+            meter=Meter(
+                credits,
+                settings.low_balance_threshold,
+                redis_holds,
+                settle_linger_seconds=settings.settle_linger_ms / 1000,
+            ),
         )
 
     async def aclose(self) -> None:
@@ -144,8 +149,7 @@ def create_app(settings: ProxySettings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.proxy = proxy
-    # The hot routes go first so that routing tries them before the rest.
-    app.router.routes[0:0] = openai_api.hot_routes
+    app.add_hot_routes(openai_api.hot_routes)
     app.include_router(account_api.router)
     app.mount("/portal", StaticFiles(directory=account_api.PORTAL_DIR), name="portal")
     return app

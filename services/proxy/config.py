@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from pydantic import Field
+
 from shared.settings import SharedSettings
 
 
@@ -34,6 +36,12 @@ class ProxySettings(SharedSettings):
     redis_namespace: str = "credits"
     # Lifetime of a hold placed in Redis (credits' RESERVATION_TTL_SECONDS for the holds it places).
     reservation_ttl_seconds: int = 600
+
+    # How long a batch of settlements (commits, releases, records of holds placed in Redis) waits for
+    # more before it goes to credits. Settling happens after the response, so users do not wait for
+    # it (a request whose hold is refused meanwhile first waits for its user's settlements), while
+    # fewer, larger batches leave the cores to the requests in flight.
+    settle_linger_ms: float = Field(default=5.0, ge=0, le=1000)
 
     # A verified API key is trusted this long; a revoked key therefore stops working within it.
     api_key_cache_seconds: float = 2.0

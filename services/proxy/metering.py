@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.errors import AppError, InsufficientCredits, ServiceUnavailable
-from shared.redis_holds import RedisHolds
+from shared.redis_holds import PlacedHold, RedisHolds
 
 from .downstream import CreditsClient, DownstreamError, Reservation
 from .metrics import (
@@ -84,13 +84,24 @@ def credit_headers(charged: int, remaining: int | None, threshold: int) -> dict[
 
 class Meter:
     def __init__(
-        self, credits: CreditsClient, low_balance_threshold: int, redis_holds: RedisHolds | None = None
+        self,
+        credits: CreditsClient,
+        low_balance_threshold: int,
+        redis_holds: RedisHolds | None = None,
+        *,
+        settle_linger_seconds: float = 0.0,
     ) -> None:
         self.credits = credits
         self.redis_holds = redis_holds
-        self.settlements = SettlementBatcher(credits)
+        self.settlements = SettlementBatcher(credits, linger_seconds=settle_linger_seconds)
         self.threshold = low_balance_threshold
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        # Each user's settlements still on their way, and the users a request is waiting for
+        # (their settlements skip the linger): see `_after_settlements`.
+        self._settling: dict[str, set[asyncio.Task[Any]]] = {}
+        self._hurried: dict[str, int] = {}
+        # The longest a request waits for its user's earlier settlements before it asks credits.
+        self.settle_wait_seconds = 2.0
 
     async def hold(
         self,
@@ -109,6 +120,8 @@ class Meter:
         assert first is not None
         if self.redis_holds is not None and idempotency_key is None:
             placed = await self.redis_holds.place(user_id, first.reserve)
+            if placed is None and user_id in self._settling:
+                placed = await self._after_settlements(user_id, first.reserve)
             if placed is not None:
                 HOLDS_PLACED_IN_REDIS.inc()
                 reservation = Reservation(placed.reservation_id, placed.amount, placed.available)
@@ -142,6 +155,27 @@ class Meter:
             raise
         return Hold(user_id, operation, price, chosen, reservation), self._cap(body, chosen)
 
+    async def _after_settlements(self, user_id: str, amount: int) -> PlacedHold | None:
+        """Places the hold again once the user's earlier settlements have reached credits.
+
+        Until then an earlier request's hold still covers its whole price (settlements linger to share
+        a batch), so a user who sends requests back to back near the end of the balance would be
+        refused, or have the output cut, for credits that are about to come back. Only a refused
+        placement pays this wait."""
+        waiting = self._settling.get(user_id)
+        if not waiting or self.redis_holds is None:
+            return None
+        self._hurried[user_id] = self._hurried.get(user_id, 0) + 1
+        try:
+            self.settlements.flush()
+            await asyncio.wait(set(waiting), timeout=self.settle_wait_seconds)
+        finally:
+            if self._hurried[user_id] == 1:
+                del self._hurried[user_id]
+            else:
+                self._hurried[user_id] -= 1
+        return await self.redis_holds.place(user_id, amount)
+
     @staticmethod
     def _cap(body: dict[str, Any], chosen: Plan) -> bool:
         """Lowers the body's output cap to what the plan holds for; True if the body changed."""
@@ -157,18 +191,28 @@ class Meter:
         if hold.settled:
             return
         hold.settled = True
-        task = asyncio.get_running_loop().create_task(self._settle(hold, charged))
+        self._track(hold.user_id, asyncio.get_running_loop().create_task(self._settle(hold, charged)))
+
+    def _track(self, user_id: str, task: asyncio.Task[Any]) -> None:
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        user_tasks = self._settling.setdefault(user_id, set())
+        user_tasks.add(task)
+
+        def done(task: asyncio.Task[Any]) -> None:
+            self._tasks.discard(task)
+            user_tasks.discard(task)
+            if not user_tasks and self._settling.get(user_id) is user_tasks:
+                del self._settling[user_id]
+
+        task.add_done_callback(done)
 
     async def release_now(self, hold: Hold) -> int | None:
         """Releases the hold, shielded from cancellation; returns the balance afterwards if known."""
         if hold.settled:
             return None
         hold.settled = True
-        task = asyncio.get_running_loop().create_task(self._settle(hold, 0))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task = asyncio.get_running_loop().create_task(self._settle(hold, 0, urgent=True))
+        self._track(hold.user_id, task)
         try:
             result: int | None = await asyncio.shield(task)
             return result
@@ -177,14 +221,18 @@ class Meter:
         except Exception:
             return None
 
-    async def _settle(self, hold: Hold, charged: int) -> Any:
-        """Sends the settlement with the next batch (retried there while credits is unreachable)."""
+    async def _settle(self, hold: Hold, charged: int, *, urgent: bool = False) -> Any:
+        """Sends the settlement with the next batch (retried there while credits is unreachable).
+        Urgent: the caller waits for the answer, so neither the record nor the settlement lingers."""
         action = "commit" if charged > 0 else "release"
         rid = hold.reservation.reservation_id
+        if urgent and hold.recorded is not None and not hold.recorded.done():
+            self.settlements.flush()
         if hold.recorded is not None and not await self._was_recorded(hold, action):
             return None
         try:
-            result = await self.settlements.submit(rid, charged)
+            urgent = urgent or hold.user_id in self._hurried
+            result = await self.settlements.submit(rid, charged, urgent=urgent)
         except ServiceUnavailable:
             pass
         except AppError as exc:

@@ -4,6 +4,7 @@ bytes, answer with upstream's bytes, settle the hold after the answer is out."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,26 @@ def _error(exc: AppError, charged: int, remaining: int | None, threshold: int) -
     return Response(
         orjson.dumps(exc.body()), status_code=exc.status_code, headers=headers, media_type=_JSON_CT
     )
+
+
+async def _client_gone(request: Request) -> bool:
+    """Whether the client has disconnected, without waiting for anything.
+
+    Starlette's `is_disconnected` asks the same with an anyio cancel scope, which the proxy's profile
+    showed at several percent of its CPU per request. Here the receive coroutine runs up to its
+    first suspension: once the body is read, the only message left to arrive is the disconnect, so a
+    receive that would have to wait means the client is still there, and it is closed unfinished.
+    """
+    pending = request.receive()
+    if not inspect.iscoroutine(pending):
+        return await request.is_disconnected()
+    try:
+        pending.send(None)
+    except StopIteration as done:
+        message = done.value or {}
+        return bool(message.get("type") == "http.disconnect")
+    pending.close()
+    return False
 
 
 async def _caller(proxy: Proxy, request: Request) -> Caller:
@@ -134,7 +155,7 @@ async def _metered(request: Request, operation: str) -> Response:
         charged = hold.cost_from_usage(parsed.get("usage") if parsed else None)
     else:
         charged = hold.amount
-    if await request.is_disconnected():
+    if await _client_gone(request):
         # Nobody will read the answer: the request was not served.
         await proxy.meter.release_now(hold)
         return Response(status_code=499)

@@ -4,6 +4,7 @@ RabbitMQ), the stand-in as the upstream, and the proxy itself; the official open
 from __future__ import annotations
 
 import contextlib
+import functools
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -200,22 +201,35 @@ async def credits(credits_url: str) -> AsyncIterator[Credits]:
         yield Credits(http)
 
 
+def sdk_for(
+    proxy: RunningProxy, user_id: str | None = None, *, api_key: str | None = None, **kwargs: Any
+) -> AsyncOpenAI:
+    """The openai SDK against `proxy`: for a user with the internal token, or with an API key."""
+    return AsyncOpenAI(
+        base_url=proxy.base_url,
+        api_key=api_key or "dev-internal-token",
+        default_headers={"X-User-Id": user_id} if user_id else {},
+        max_retries=0,
+        timeout=kwargs.pop("timeout", 30),
+        **kwargs,
+    )
+
+
+@contextlib.asynccontextmanager
+async def another_proxy(
+    credits_url: str, upstream_base_url: str, **overrides: Any
+) -> AsyncIterator[RunningProxy]:
+    """A proxy of a test's own (other settings, another upstream or Redis), without the worker."""
+    async with running_proxy(
+        credits_url=credits_url, upstream_base_url=upstream_base_url, worker_enabled=False, **overrides
+    ) as running:
+        yield running
+
+
 @pytest.fixture
 def sdk(proxy: RunningProxy) -> Callable[..., AsyncOpenAI]:
     """sdk(user_id) acts for a user with the internal token; sdk(api_key=...) with an API key."""
-
-    def make(user_id: str | None = None, *, api_key: str | None = None, **kwargs: Any) -> AsyncOpenAI:
-        headers = {"X-User-Id": user_id} if user_id else {}
-        return AsyncOpenAI(
-            base_url=proxy.base_url,
-            api_key=api_key or "dev-internal-token",
-            default_headers=headers,
-            max_retries=0,
-            timeout=kwargs.pop("timeout", 30),
-            **kwargs,
-        )
-
-    return make
+    return functools.partial(sdk_for, proxy)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from services.proxy.pricing import estimate_input_tokens
-from tests.proxy.conftest import Credits
+from tests.proxy.conftest import Credits, another_proxy, sdk_for
 
 
 async def test_200_concurrent_requests_against_25_credits(sdk, credits: Credits) -> None:  # type: ignore[no-untyped-def]
@@ -102,3 +102,31 @@ async def test_stream_usage_only_when_asked(sdk, credits: Credits) -> None:  # t
     chunks = [c async for c in stream]
     assert chunks[-1].usage is not None and not chunks[-1].choices
     await credits.settled(user, 18, usage_total=2)
+
+
+async def test_back_to_back_requests_near_the_end_of_the_balance(  # type: ignore[no-untyped-def]
+    credits: Credits, credits_url: str, standin, pricing_file: str, redis_url: str
+) -> None:
+    """Settlements linger to share a batch, so right after a response its hold still covers the
+    whole price (40 here, 1 charged). The next request of the same user must not be refused, nor
+    have its output cut, for credits that are about to come back: it waits for the settlement."""
+    user = await credits.user(40)
+    async with another_proxy(
+        credits_url,
+        standin.base_url,
+        redis_url=redis_url,
+        pricing_file=pricing_file,
+        settle_linger_ms=500,  # wide enough that the second request surely comes within it
+    ) as lingering:
+        client = sdk_for(lingering, user)
+        first = await client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+        )
+        assert first.headers["x-credits-charged"] == "1"
+        second = await client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], max_tokens=1000
+        )
+        assert second.headers["x-credits-charged"] == "1"
+        assert second.parse().usage.completion_tokens > 0  # type: ignore[union-attr]
+        await client.close()
+    await credits.settled(user, 38, usage_total=2)

@@ -12,7 +12,7 @@ import pytest
 
 from services.proxy.pricing import estimate_input_tokens
 from tests.openai_schema import CHAT_COMPLETION_CHUNK, validate
-from tests.proxy.conftest import Credits
+from tests.proxy.conftest import Credits, another_proxy, sdk_for
 
 MESSAGES = [{"role": "user", "content": "tell me a story"}]
 
@@ -51,21 +51,11 @@ async def test_upstream_4xx_keeps_status_and_message(sdk, credits: Credits) -> N
 
 
 async def test_unreachable_upstream_is_502_and_not_charged(credits: Credits, credits_url: str, sdk) -> None:  # type: ignore[no-untyped-def]
-    from openai import AsyncOpenAI
-
-    from tests.support.proxy_service import running_proxy
     from tests.support.servers import free_port
 
     user = await credits.user(5)
-    async with running_proxy(
-        credits_url=credits_url, upstream_base_url=f"http://127.0.0.1:{free_port()}/v1", worker_enabled=False
-    ) as dead:
-        client = AsyncOpenAI(
-            base_url=dead.base_url,
-            api_key="dev-internal-token",
-            default_headers={"X-User-Id": user},
-            max_retries=0,
-        )
+    async with another_proxy(credits_url, f"http://127.0.0.1:{free_port()}/v1") as dead:
+        client = sdk_for(dead, user)
         with pytest.raises(openai.APIStatusError) as caught:
             await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
         assert caught.value.status_code == 502
@@ -149,3 +139,27 @@ async def _eventual_remaining(credits: Credits, user: str) -> int:
             return int(account["credits_remaining"])
         await asyncio.sleep(0.05)
     raise AssertionError(f"hold never ended: {account}")
+
+
+async def test_client_gone_before_the_answer_is_not_charged(proxy, credits: Credits) -> None:  # type: ignore[no-untyped-def]
+    """The client hangs up while upstream is still working: nobody reads the answer, so the hold is
+    released instead of committed."""
+    from tests.conftest import eventually
+
+    user = await credits.user(7)
+    before = await credits.ledger(user)
+    body = {"model": "standin-slow-400", "messages": MESSAGES}
+    headers = {"Authorization": "Bearer dev-internal-token", "X-User-Id": user}
+    async with httpx.AsyncClient(base_url=proxy.url) as http:
+        request = asyncio.ensure_future(http.post("/v1/chat/completions", json=body, headers=headers))
+
+        async def held() -> bool:
+            return (await credits.account(user))["credits_reserved"] == 1
+
+        await eventually(held, timeout=5, interval=0.01)
+        request.cancel()  # closes the connection mid-request
+        with pytest.raises(asyncio.CancelledError):
+            await request
+    await asyncio.sleep(0.6)  # upstream answers meanwhile; the proxy finds the client gone
+    await credits.settled(user, 7)
+    assert await credits.ledger(user) == before  # no usage entry for the abandoned request

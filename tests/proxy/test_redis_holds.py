@@ -6,14 +6,11 @@ tested at credits: tests/credits/test_recorded_holds.py.)"""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
-from openai import AsyncOpenAI
 from prometheus_client import REGISTRY
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -21,8 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from services.proxy.standin import StandinServer, run_in_thread
-from tests.proxy.conftest import Credits
-from tests.support.proxy_service import RunningProxy, running_proxy
+from tests.proxy.conftest import Credits, another_proxy, sdk_for
 from tests.support.servers import serve_app
 
 
@@ -35,30 +31,6 @@ def own_standin() -> Iterator[StandinServer]:
 
 def _placed(via: str) -> float:
     return REGISTRY.get_sample_value("proxy_holds_placed_total", {"via": via}) or 0.0
-
-
-@contextlib.asynccontextmanager
-async def _another_proxy(
-    credits_url: str, standin: StandinServer, pricing_file: str, **overrides: Any
-) -> AsyncIterator[RunningProxy]:
-    async with running_proxy(
-        credits_url=credits_url,
-        upstream_base_url=standin.base_url,
-        pricing_file=pricing_file,
-        worker_enabled=False,
-        **overrides,
-    ) as running:
-        yield running
-
-
-def _client(proxy: RunningProxy, user_id: str) -> AsyncOpenAI:
-    return AsyncOpenAI(
-        base_url=proxy.base_url,
-        api_key="dev-internal-token",
-        default_headers={"X-User-Id": user_id},
-        max_retries=0,
-        timeout=120,
-    )
 
 
 def _flaky_front(credits_url: str, outage: dict[str, int]) -> Starlette:
@@ -88,10 +60,10 @@ async def test_credits_down_while_recording_delays_the_record_and_charges_once( 
     outage = {"batches": 3}
     async with (
         serve_app(_flaky_front(credits_url, outage)) as front,
-        _another_proxy(front, own_standin, pricing_file, redis_url=redis_url) as gateway,
+        another_proxy(front, own_standin.base_url, pricing_file=pricing_file, redis_url=redis_url) as gateway,
     ):
         redis_before = _placed("redis")
-        completion = await _client(gateway, user).chat.completions.with_raw_response.create(
+        completion = await sdk_for(gateway, user, timeout=120).chat.completions.with_raw_response.create(
             model="gpt-4o", messages=[{"role": "user", "content": "hi"}]
         )
         assert completion.headers["x-credits-charged"] == "1"
@@ -107,11 +79,11 @@ async def test_unreachable_redis_falls_back_to_credits_http_reserve(  # type: ig
     credits: Credits, credits_url, own_standin, pricing_file
 ) -> None:
     user = await credits.user(3)
-    async with _another_proxy(
-        credits_url, own_standin, pricing_file, redis_url="redis://127.0.0.1:9/0"
+    async with another_proxy(
+        credits_url, own_standin.base_url, pricing_file=pricing_file, redis_url="redis://127.0.0.1:9/0"
     ) as gateway:
         http_before = _placed("http")
-        client = _client(gateway, user)
+        client = sdk_for(gateway, user, timeout=120)
         for _ in range(3):
             await client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
         try:
@@ -121,3 +93,43 @@ async def test_unreachable_redis_falls_back_to_credits_http_reserve(  # type: ig
             assert exc.status_code == 402
         assert _placed("http") - http_before == 4
     await credits.settled(user, 0, usage_total=3)
+
+
+async def test_redis_that_never_answers_falls_back_and_charges_once(  # type: ignore[no-untyped-def]
+    credits: Credits, credits_url, own_standin, pricing_file
+) -> None:
+    """A Redis that takes the connection and the command but never answers: the request waits at
+    most the fast path's answer timeout, then credits' HTTP reserve serves it; charged once."""
+    import asyncio
+
+    connections: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        while await reader.read(65536):
+            pass  # swallows the handshake and the script call alike
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    user = await credits.user(3)
+    try:
+        async with another_proxy(
+            credits_url,
+            own_standin.base_url,
+            pricing_file=pricing_file,
+            redis_url=f"redis://127.0.0.1:{port}/0",
+        ) as gateway:
+            gateway.app.state.proxy.meter.redis_holds.answer_timeout_seconds = 0.5
+            http_before = _placed("http")
+            client = sdk_for(gateway, user, timeout=120)
+            for _ in range(2):
+                await client.chat.completions.create(
+                    model="gpt-4o", messages=[{"role": "user", "content": "hi"}]
+                )
+            assert _placed("http") - http_before == 2
+            assert connections  # Redis was really tried
+    finally:
+        server.close()
+        for writer in connections:
+            writer.close()
+    await credits.settled(user, 1, usage_total=2)

@@ -34,13 +34,16 @@ async def _holds(credits: Credits, user_id: str, n: int) -> list[str]:
 
 def _front(credits_url: str, plan: list[str], seen: list[int]) -> Starlette:
     """Stands in front of credits: per batch call, the next step of `plan` ('down' → 503 without
-    forwarding, 'lost' → forwarded but the answer replaced by 502, 'ok' → forwarded)."""
+    forwarding, 'slow' → the same after a second, 'lost' → forwarded but the answer replaced by 502,
+    'ok' → forwarded)."""
 
     async def batch(request: Request) -> Response:
         body = await request.body()
         seen.append(len(body))
         step = plan.pop(0) if plan else "ok"
-        if step == "down":
+        if step == "slow":
+            await asyncio.sleep(1.0)
+        if step in ("down", "slow"):
             return Response(b"", status_code=503)
         async with httpx.AsyncClient(base_url=credits_url, timeout=30) as http:
             r = await http.post("/v1/reservations/batch", content=body, headers=INTERNAL)
@@ -135,3 +138,92 @@ async def test_a_refused_item_fails_alone(credits: Credits, credits_url: str) ->
     assert isinstance(refused, DownstreamError) and refused.status_code == 409
     assert isinstance(ok, dict) and ok["charged"] == 1
     await credits.settled(user_id, 4, usage_total=1)
+
+
+async def test_linger_gathers_settlements_and_urgent_ones_go_at_once(
+    credits: Credits, credits_url: str
+) -> None:
+    user_id = await credits.user(10)
+    ids = await _holds(credits, user_id, 6)
+    seen: list[int] = []
+    async with serve_app(_front(credits_url, [], seen)) as front:
+        client = CreditsClient(front, "dev-internal-token", 10)
+        batcher = SettlementBatcher(client, linger_seconds=0.3)
+        try:
+            futures = []
+            for rid in ids[:5]:  # one request after another, a few ms apart
+                futures.append(batcher.submit(rid, 1))
+                await asyncio.sleep(0.01)
+            await asyncio.gather(*futures)
+            assert len(seen) == 1  # all five in one call
+            batcher.linger_seconds = 30.0
+            # Someone waits for this answer (a release before an error response): no lingering.
+            released = await asyncio.wait_for(batcher.submit(ids[5], 0, urgent=True), timeout=5)
+            assert released["refunded"] == 1 and len(seen) == 2
+        finally:
+            await batcher.aclose()
+            await client.aclose()
+    await credits.settled(user_id, 5, usage_total=5)
+
+
+async def test_closing_sends_what_is_still_queued(credits: Credits, credits_url: str) -> None:
+    """A proxy shutting down still charges the requests it served: the lingering batch goes out."""
+    user_id = await credits.user(5)
+    ids = await _holds(credits, user_id, 2)
+    client = CreditsClient(credits_url, "dev-internal-token", 10)
+    batcher = SettlementBatcher(client, linger_seconds=60.0)
+    try:
+        futures = [batcher.submit(ids[0], 1), batcher.submit(ids[1], 0)]
+        await asyncio.sleep(0.05)
+        assert not any(f.done() for f in futures)  # still lingering
+        await batcher.aclose()
+        assert [f.result().get("charged") for f in futures] == [1, None]
+    finally:
+        await client.aclose()
+    await credits.settled(user_id, 4, usage_total=1)
+
+
+async def test_closing_sends_a_commit_queued_when_its_record_is_answered(
+    credits: Credits, credits_url: str
+) -> None:
+    """As a request's commit follows the record of its hold: the second item is queued only once the
+    first is answered, and that happens while the batcher is closing. Both still reach credits."""
+    user_id = await credits.user(5)
+    first_id, second_id = await _holds(credits, user_id, 2)
+    client = CreditsClient(credits_url, "dev-internal-token", 10)
+    batcher = SettlementBatcher(client, linger_seconds=60.0)
+
+    async def then_commit() -> dict[str, Any]:
+        await batcher.submit(first_id, 1)
+        return await batcher.submit(second_id, 1)
+
+    try:
+        follower = asyncio.ensure_future(then_commit())
+        await asyncio.sleep(0.05)
+        await batcher.aclose()
+        assert (await asyncio.wait_for(follower, 5))["charged"] == 1
+    finally:
+        await client.aclose()
+    await credits.settled(user_id, 3, usage_total=2)
+
+
+async def test_closing_gives_up_on_a_send_past_its_time_and_fails_it(
+    credits: Credits, credits_url: str
+) -> None:
+    user_id = await credits.user(5)
+    (rid,) = await _holds(credits, user_id, 1)
+    seen: list[int] = []
+    async with serve_app(_front(credits_url, ["slow"] * 5, seen)) as front:
+        client = CreditsClient(front, "dev-internal-token", 10)
+        batcher = SettlementBatcher(client)
+        try:
+            future = batcher.submit(rid, 1)
+            await asyncio.sleep(0.1)  # the send is waiting for the slow answer
+            await batcher.aclose(timeout=0.2)
+            assert future.done() and isinstance(future.exception(), Exception)
+            late = batcher.submit(rid, 1)  # after closing: refused at once, never queued
+            assert late.done() and isinstance(late.exception(), Exception)
+        finally:
+            await client.aclose()
+    assert await credits.usage(user_id) == []
+    assert (await credits.account(user_id))["credits_reserved"] == 1  # left to expire at credits
