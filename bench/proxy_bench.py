@@ -39,6 +39,7 @@ import httpx
 import orjson
 import uvloop
 
+from bench.profiling import profiler_argv
 from services.proxy.httpclient import HttpPool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,19 +74,66 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> 
     raise TimeoutError(url)
 
 
+PROFILED: set[str] = set()  # names of the servers to run under py-spy (--profile)
+SERVERS: dict[str, int] = {}  # name -> pid of the servers running now
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time the processes have used so far (Linux /proc; 0 for a vanished pid)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def pids_named(command: str) -> list[int]:
+    """Every process whose command name is `command` (e.g. the PostgreSQL backends)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm") as f:
+                    if f.read().strip() == command:
+                        pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
+
+
+def cpu_by_process() -> dict[str, float]:
+    """CPU seconds so far of each server, this load generator, Redis and PostgreSQL."""
+    cpu = {name: cpu_seconds([pid]) for name, pid in SERVERS.items()}
+    cpu["load generator"] = time.process_time()
+    cpu["redis"] = cpu_seconds(pids_named("redis-server"))
+    cpu["postgres"] = cpu_seconds(pids_named("postgres"))
+    return cpu
+
+
 @contextlib.contextmanager
 def process(name: str, argv: list[str], env: dict[str, str], ready_url: str) -> Iterator[None]:
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     log = open(LOG_DIR / f"{name}.log", "wb")
+    profiled = name in PROFILED
+    if profiled:
+        argv = profiler_argv(name, argv)
     proc = subprocess.Popen(
         argv, cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=log, start_new_session=True
     )
     try:
         wait_http(ready_url, proc)
+        if not profiled:  # under py-spy the pid is py-spy's, not the server's
+            SERVERS[name] = proc.pid
         yield
     finally:
+        SERVERS.pop(name, None)
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
+            # SIGINT, as a terminal's Ctrl-C: py-spy then writes its samples before it exits.
+            os.killpg(proc.pid, signal.SIGINT if profiled else signal.SIGTERM)
             try:
                 proc.wait(20)
             except subprocess.TimeoutExpired:
@@ -152,9 +200,10 @@ async def open_loop(pool: HttpPool, headers: list[tuple[bytes, bytes]], rate: fl
 
 async def closed_loop(
     pool: HttpPool, headers: list[tuple[bytes, bytes]], concurrency: int, seconds: float
-) -> tuple[float, float, int]:
+) -> tuple[float, float, int, dict[str, float]]:
     """`concurrency` clients, each sending its next request when the previous one is answered:
-    the most the target serves (requests/s), with its p99 (ms) and the errors."""
+    the most the target serves (requests/s), with its p99 (ms), the errors, and the CPU each
+    process spent per request (ms), which says where the machine's two cores went."""
     latencies: list[float] = []
     errors = 0
     stop = time.perf_counter() + seconds
@@ -172,10 +221,16 @@ async def closed_loop(
                 errors += 1
             latencies.append(time.perf_counter() - started)
 
+    cpu_before = cpu_by_process()
     started = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
     elapsed = time.perf_counter() - started
-    return len(latencies) / elapsed, pct(latencies, 0.99) * 1000, errors
+    cpu_after = cpu_by_process()
+    served = max(1, len(latencies))
+    cpu_per_request = {
+        name: (cpu_after[name] - cpu_before[name]) / served * 1000 for name in cpu_before if name in cpu_after
+    }
+    return len(latencies) / elapsed, pct(latencies, 0.99) * 1000, errors, cpu_per_request
 
 
 async def measure(
@@ -217,11 +272,13 @@ async def measure(
     result["steps"] = steps
     result["max_rate"] = best
     await asyncio.sleep(1)
-    rps, p99, errors = await closed_loop(pool, all_headers, args.concurrency, args.seconds)
+    rps, p99, errors, cpu = await closed_loop(pool, all_headers, args.concurrency, args.seconds)
     print(
         f"  {name:8} closed loop, {args.concurrency} clients: {rps:7.0f} req/s  p99 {p99:8.2f} ms  errors {errors}",
         flush=True,
     )
+    spent = ", ".join(f"{process} {ms:.3f}" for process, ms in cpu.items())
+    print(f"  {name:8} CPU ms per request in the closed loop: {spent}", flush=True)
     result["closed_rps"] = rps if errors == 0 else 0.0
     result["closed_p99"] = p99
     await pool.aclose()
@@ -279,7 +336,14 @@ def main() -> None:
         help="where the proxy places holds: straight in credits' Redis (the default) or through"
         " credits' HTTP reserve (HOLDS_IN_REDIS=0)",
     )
+    parser.add_argument(
+        "--profile",
+        default="",
+        help="comma-separated servers (proxy,credits,standin) to run under py-spy; samples go to"
+        " bench/profiles/<server>.txt (read them with python -m bench.profiling)",
+    )
     args = parser.parse_args()
+    PROFILED.update(name for name in args.profile.split(",") if name)
 
     ns = f"bench-{uuid.uuid4().hex[:6]}"
     standin_port, credits_port, proxy_port = free_port(), free_port(), free_port()

@@ -12,6 +12,7 @@ Measures, and prints as a table:
   lua pipelined          the same, 100 pairs per pipeline round trip
   lua / one hot account  concurrent callers on one user
 Then one reserve at a time (concurrency 1): POST /v1/reservations vs a direct EVALSHA of reserve.lua.
+With --profile the credits process runs under py-spy (its CPU column then counts py-spy's process).
 
 The service gets its own database (dropped afterwards) and Redis key namespace (deleted afterwards).
 The load generator is a minimal HTTP/1.1 client in this process, which shares the machine's cores with
@@ -26,6 +27,7 @@ import concurrent.futures
 import contextlib
 import os
 import random
+import signal
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -36,6 +38,7 @@ import orjson
 import redis.asyncio as aioredis
 import uvloop
 
+from bench.profiling import profiler_argv
 from services.credits.holds import Holds
 from shared.db import drop_database
 from tests.support.servers import service_process
@@ -193,6 +196,30 @@ async def http_bench(
     return results
 
 
+async def pipelined_pairs(
+    client: aioredis.Redis, holds: Holds, accounts: list[str]
+) -> Callable[[int], Awaitable[bool]]:
+    """A loop body sending 100 reserve+apply pairs per round trip, as raw EVALSHA commands."""
+    await client.script_load(holds._reserve.source)
+    await client.script_load(holds._apply.source)
+    deadline = int(time.time() * 1000) + 3_600_000
+
+    async def pipelined(n: int) -> bool:
+        now_ms = int(time.time() * 1000)
+        pipe = client.pipeline(transaction=False)
+        for _ in range(100):
+            acct, dl = holds.keys(accounts[random.randrange(len(accounts))])
+            rid = uuid.uuid4().hex
+            pipe.execute_command(
+                "EVALSHA", holds._reserve.sha, 2, acct, dl, rid, 1, "", "exact", deadline, now_ms
+            )
+            pipe.execute_command("EVALSHA", holds._apply.sha, 2, acct, dl, "", "", rid)
+        replies = await pipe.execute()
+        return all(int(r[0]) == 1 for r in replies[0::2])
+
+    return pipelined
+
+
 def pipelined_process(
     redis_url: str, namespace: str, accounts: list[str], seconds: float
 ) -> tuple[int, float, list[float], int]:
@@ -200,24 +227,7 @@ def pipelined_process(
 
     async def run() -> tuple[int, float, list[float], int]:
         client = aioredis.from_url(redis_url, max_connections=16)
-        holds = Holds(client, 16, namespace)
-        await client.script_load(holds._reserve.script)
-        await client.script_load(holds._apply.script)
-        deadline = int(time.time() * 1000) + 3_600_000
-
-        async def pipelined(n: int) -> bool:
-            now_ms = int(time.time() * 1000)
-            pipe = client.pipeline(transaction=False)
-            for _ in range(100):
-                acct, dl = holds.keys(accounts[random.randrange(len(accounts))])
-                rid = uuid.uuid4().hex
-                pipe.execute_command(
-                    "EVALSHA", holds._reserve.sha, 2, acct, dl, rid, 1, "", "exact", deadline, now_ms
-                )
-                pipe.execute_command("EVALSHA", holds._apply.sha, 2, acct, dl, "", "", rid)
-            replies = await pipe.execute()
-            return all(int(r[0]) == 1 for r in replies[0::2])
-
+        pipelined = await pipelined_pairs(client, Holds(client, 16, namespace), accounts)
         result = await run_loops("p", 8, seconds, pipelined)
         await client.aclose()
         return result.pairs * 100, result.seconds, [x / 100 for x in result.latencies], result.failures
@@ -246,25 +256,10 @@ async def lua_bench(
 
         return pair
 
-    reserve_sha = holds._reserve.sha
-    apply_sha = holds._apply.sha
-    await client.script_load(holds._reserve.script)
-    await client.script_load(holds._apply.script)
-
-    async def pipelined(n: int) -> bool:
-        # 100 reserve+apply pairs per round trip, as raw EVALSHA commands.
-        now_ms = int(time.time() * 1000)
-        pipe = client.pipeline(transaction=False)
-        for _ in range(100):
-            acct, dl = holds.keys(accounts[random.randrange(len(accounts))])
-            rid = uuid.uuid4().hex
-            pipe.execute_command("EVALSHA", reserve_sha, 2, acct, dl, rid, 1, "", "exact", deadline, now_ms)
-            pipe.execute_command("EVALSHA", apply_sha, 2, acct, dl, "", "", rid)
-        replies = await pipe.execute()
-        return all(int(r[0]) == 1 for r in replies[0::2])
-
     results = [await run_loops("lua / many accounts", concurrency, seconds, pair_for(accounts))]
-    piped = await run_loops("lua pipelined (x100)", 8, seconds, pipelined)
+    piped = await run_loops(
+        "lua pipelined (x100)", 8, seconds, await pipelined_pairs(client, holds, accounts)
+    )
     piped.pairs *= 100
     piped.latencies = [x / 100 for x in piped.latencies]
     results.append(piped)
@@ -357,7 +352,8 @@ async def main(args: argparse.Namespace) -> None:
     results: list[Result] = []
     latency: list[Result] = []
     try:
-        with service_process("services.credits", env) as (url, proc):
+        profile = {"wrap": lambda argv: profiler_argv("credits", argv), "stop_signal": signal.SIGINT}
+        with service_process("services.credits", env, **(profile if args.profile else {})) as (url, proc):
             host, port = url.removeprefix("http://").split(":")
             c = Connection(host, int(port))
             for user in [*accounts, "bench-hot"]:
@@ -410,6 +406,11 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--accounts", type=int, default=200)
     parser.add_argument("--db-pool", type=int, default=20)
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="run credits under py-spy; samples go to bench/profiles/credits.txt (python -m bench.profiling)",
+    )
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
     parser.add_argument(
         "--rabbitmq-url", default=os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")

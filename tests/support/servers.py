@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,14 +83,23 @@ def wait_ready(url: str, timeout: float = 30.0, proc: subprocess.Popen[bytes] | 
 
 @contextlib.contextmanager
 def service_process(
-    module: str, env: dict[str, str], port: int | None = None, log_path: Path | None = None
+    module: str,
+    env: dict[str, str],
+    port: int | None = None,
+    log_path: Path | None = None,
+    *,
+    wrap: Callable[[list[str]], list[str]] | None = None,
+    stop_signal: signal.Signals = signal.SIGTERM,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """Starts `python -m <module>` as a real process; yields (base_url, process); kills it afterwards."""
+    """Starts `python -m <module>` as a real process; yields (base_url, process); stops it afterwards
+    with `stop_signal` (killed if it does not exit). `wrap` changes the command line (e.g. to run
+    it under a profiler)."""
     port = port or free_port()
     full_env = {**os.environ, **env, "HOST": "127.0.0.1", "PORT": str(port)}
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    argv = [sys.executable, "-m", module]
     proc = subprocess.Popen(
-        [sys.executable, "-m", module],
+        wrap(argv) if wrap else argv,
         cwd=REPO_ROOT,
         env=full_env,
         stdout=out,
@@ -104,7 +113,7 @@ def service_process(
     finally:
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
+                os.killpg(proc.pid, stop_signal)
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
