@@ -5,8 +5,9 @@ so the credits adapter (`services/credits/holds.py`) and the proxy's fast path c
 
 A hold placed here exists only in Redis until the credits service records it in PostgreSQL
 (`POST /v1/reservations/batch`, action "hold"). Until then it behaves like a hold whose process died
-mid-reserve: if it is never recorded, the scripts drop it after its deadline plus the grace period,
-and the credits come back; nothing reaches the ledger. Only the plain case runs here (the account is
+mid-reserve: if it is never recorded, the first script to meet it past its deadline plus the grace
+period drops the user's keys, the account is rebuilt from PostgreSQL without it, and the credits come
+back; nothing reaches the ledger. Only the plain case runs here (the account is
 loaded and covers the amount); everything else (an account to rebuild, too few credits, idempotency
 keys, Redis unreachable) answers None and the caller goes through the credits service's HTTP API.
 """

@@ -21,7 +21,8 @@ class CreditsSettings(DatabaseSettings):
     max_reservation_ttl_seconds: int = 7 * 24 * 3600
     # How often the sweeper looks for expired holds and unpublished outbox rows.
     sweep_interval_seconds: float = 1.0
-    # A Redis-only hold (never persisted, e.g. the process died mid-reserve) is dropped this long after its deadline.
+    # A hold still in Redis this long after its deadline missed its end (its process died): the user's Redis
+    # state is then rebuilt from PostgreSQL.
     orphan_grace_seconds: float = 5.0
     # Number of deadline sorted sets; each is its own key (and Cluster slot).
     deadline_shards: int = 16

@@ -7,9 +7,10 @@ unchanged on Redis Cluster):
   `d` credits held, `v` account version, `e` load epoch (= accounts.redis_epoch), `h:<reservation_id>`
   held credits, `i:<idempotency_key>` reservation id, `k:<reservation_id>` its idempotency key. Its
   presence is the "loaded" marker: a missing hash is never read as zero; it means "rebuild from PostgreSQL".
-- `credits:{<user_id>}:deadlines` — the user's open holds scored by deadline (ms). The scripts drop holds
-  past deadline + grace as they pass (a commit after the deadline is refused anyway), which also clears
-  holds that never reached PostgreSQL because their process died mid-reserve.
+- `credits:{<user_id>}:deadlines` — the user's open holds scored by deadline (ms). A hold still there
+  past deadline + grace missed its end (its process died before persisting it, or after a commit or
+  release but before the sync here, leaving the balance stale too): a script that meets one drops
+  the user's keys, and the account is rebuilt from PostgreSQL.
 - `credits:deadlines:{<n>}` — sharded sorted sets (score = deadline, member = `user_id<US>reservation_id`)
   of persisted holds, written once per group commit; the sweeper walks them after the deadline to bring
   Redis back in line with PostgreSQL where a post-commit sync was lost (e.g. the process died after a
@@ -186,7 +187,7 @@ class Holds:
         return bool(await self.client.exists(self.account_key(user_id)))
 
     async def snapshot(self, user_id: str, now_ms: int) -> tuple[int, int] | None:
-        """(balance, held) or None if not loaded; drops dead holds first."""
+        """(balance, held), or None if not loaded (or dropped for a hold past its deadline, see view.lua)."""
         raw = await self._view(self.client, self.keys(user_id), [now_ms - self.grace_ms])
         if not raw:
             return None

@@ -172,7 +172,11 @@ class Ledger:
                     raise NotFound(f"Unknown user {user_id!r}.")
                 if force or not await self.holds.is_loaded(user_id):
                     epoch = await store.next_redis_epoch(conn, user_id)
-                    open_holds = await store.open_holds(conn, user_id)
+                    # A hold past its deadline plus the grace period can no longer be committed; the
+                    # sweeper ends it in PostgreSQL. Loaded, the scripts would meet it as dead and
+                    # drop the account again, round after round.
+                    alive_from = _ms(self.clock()) - self.holds.grace_ms
+                    open_holds = [h for h in await store.open_holds(conn, user_id) if h[3] >= alive_from]
                     await self.holds.load(user_id, int(row.balance), int(row.version), epoch, open_holds)
                     metrics.REDIS_REBUILDS.inc()
             future.set_result(None)

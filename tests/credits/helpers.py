@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -17,6 +18,16 @@ def assert_envelope(r: httpx.Response, status: int, code: str) -> None:
     assert set(body) == {"error"}, body
     assert set(body["error"]) == {"type", "code", "message"}, body
     assert body["error"]["code"] == code, body
+
+
+class FakeClock:
+    """A clock the test moves by hand (`clock.now += timedelta(...)`)."""
+
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
 
 
 @dataclass

@@ -1,5 +1,7 @@
 """Property test: random interleavings of grant / reserve / commit (full and partial) / release / expire /
-Redis wipe / service restart, some of them concurrent, keep every ledger invariant.
+Redis wipe / service restart, some of them concurrent, keep every ledger invariant. Some commits and
+releases lose their Redis sync, as when the process dies right after the PostgreSQL commit: Redis may
+then under-state the credits until the hold's deadline, never over-state them, and is exact after it.
 
 Runs the domain against the real PostgreSQL and Redis with a fake clock (expiry is driven by advancing
 it and calling the sweeper), in its own database and Redis key namespace so the package's running
@@ -12,7 +14,7 @@ import asyncio
 import concurrent.futures
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -24,6 +26,7 @@ from sqlalchemy.engine import make_url
 
 from services.credits.app import Runtime
 from shared.errors import Conflict, InsufficientCredits
+from tests.credits.helpers import FakeClock
 from tests.support.credits_service import credits_settings
 
 NAMESPACE = f"credits-prop-{uuid.uuid4().hex[:6]}"
@@ -32,23 +35,21 @@ grant = st.tuples(st.just("grant"), st.integers(1, 20))
 reserve = st.tuples(st.just("reserve"), st.integers(1, 15), st.integers(1, 4))  # amount, ttl seconds
 commit = st.tuples(st.just("commit"), st.integers(0, 50), st.one_of(st.none(), st.floats(0, 1)))
 release = st.tuples(st.just("release"), st.integers(0, 50))
-expire = st.tuples(st.just("expire"), st.integers(1, 5))
+lost_sync = st.tuples(
+    st.sampled_from(["commit_lost", "commit_lost", "release_lost"]),
+    st.integers(0, 50),
+    st.one_of(st.none(), st.floats(0, 1)),
+)
+# seconds to move the clock; whether the sweeper's Redis pass runs too (else the scripts meet dead holds first)
+expire = st.tuples(st.just("expire"), st.integers(1, 5), st.booleans())
 wipe = st.tuples(st.just("wipe"))
 restart = st.tuples(st.just("restart"))
-simple = st.one_of(grant, reserve, reserve, commit, commit, release, expire, wipe)
+simple = st.one_of(grant, reserve, reserve, commit, commit, release, lost_sync, lost_sync, expire, wipe)
 burst = st.tuples(
     st.just("burst"),
     st.lists(st.one_of(grant, reserve, reserve, commit, release, wipe), min_size=2, max_size=8),
 )
 program = st.lists(st.one_of(simple, simple, simple, restart, burst), min_size=1, max_size=20)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = datetime.now(UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 @dataclass
@@ -64,6 +65,8 @@ class Model:
     balance: int = 10
     holds: dict[str, Hold] = field(default_factory=dict)
     order: list[str] = field(default_factory=list)
+    # Holds ended in PostgreSQL whose Redis sync was lost.
+    unsynced: set[str] = field(default_factory=set)
 
     @property
     def held(self) -> int:
@@ -163,15 +166,32 @@ async def run_program(h: Harness, pg: asyncpg.Pool, ops: list[Any]) -> None:
             if hold.state == "held":
                 hold.state = "released"
             assert result.available >= 0
+        elif kind in ("commit_lost", "release_lost"):
+            rid = model.pick(op[1])
+            if rid is None:
+                return
+            apply_many = ledger.holds.apply_many
+
+            async def lost(*args: Any, **kwargs: Any) -> Any:
+                raise ConnectionError("the process died before syncing Redis")
+
+            ledger.holds.apply_many = lost  # type: ignore[method-assign]
+            try:
+                await step((kind.removesuffix("_lost"), op[1], op[2]))
+            finally:
+                ledger.holds.apply_many = apply_many  # type: ignore[method-assign]
+            model.unsynced.add(rid)
         elif kind == "expire":
             h.clock.now += timedelta(seconds=op[1])
             await ledger.expire_due()
-            await ledger.sweep_redis()
+            if op[2]:
+                await ledger.sweep_redis()
             for hold in model.holds.values():
                 if hold.state == "held" and hold.expires_at <= h.clock.now:
                     hold.state = "expired"
         elif kind == "wipe":
             await h.wipe()
+            model.unsynced.clear()  # rebuilt from PostgreSQL
         elif kind == "restart":
             await h.stop()
             await h.start()
@@ -222,7 +242,12 @@ async def check(h: Harness, pg: asyncpg.Pool, user: str, model: Model) -> None:
     )
     available, held = await h.runtime.ledger.live(user)
     assert available >= 0
-    assert held == model.held and available == model.balance - model.held, (available, held, model)
+    # A hold whose end never reached Redis still counts there until its deadline (the clock moves in
+    # whole seconds, as do TTLs, so "not past" means "at or before").
+    if any(model.holds[rid].expires_at >= h.clock.now for rid in model.unsynced):
+        assert held >= model.held and available <= model.balance - model.held, (available, held, model)
+    else:
+        assert held == model.held and available == model.balance - model.held, (available, held, model)
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +258,7 @@ def prop_database_url(make_database_url: Any) -> str:
 def test_random_interleavings_keep_the_invariants(prop_database_url: str, redis_url: str) -> None:
     dsn = make_url(prop_database_url).set(drivername="postgresql").render_as_string(hide_password=False)
 
-    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=False)
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=False)
     @given(ops=program)
     def run(ops: list[Any]) -> None:
         async def main() -> None:

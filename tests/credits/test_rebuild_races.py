@@ -1,24 +1,36 @@
-"""A Redis rebuild that lands between a reserve's script and the hold's PostgreSQL insert: the hold is
-put back if its credits are still free, and refused (402, row released) if they are not — never lost,
-never counted twice. Driven deterministically by holding the group-commit writer at a gate."""
+"""Redis and PostgreSQL out of step, driven deterministically: a rebuild that lands between a reserve's
+script and the hold's PostgreSQL insert (the writer held at a gate) puts the hold back if its credits
+are still free and refuses it (402, row released) if not — never lost, never counted twice; a commit
+whose Redis sync never came (the process died in between) is read from PostgreSQL once the hold is
+past its deadline, never handed back."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
 import pytest
 
 from services.credits.app import Runtime
-from shared.errors import InsufficientCredits
+from shared.errors import Conflict, InsufficientCredits
+from tests.credits.helpers import FakeClock
 from tests.support.credits_service import credits_settings
 
 
 @pytest.fixture
-async def runtime(credits: Any, credits_database_url: str, redis_url: str) -> AsyncIterator[Runtime]:
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def runtime(
+    credits: Any, credits_database_url: str, redis_url: str, clock: FakeClock
+) -> AsyncIterator[Runtime]:
+    # No sweeper: the scripts meet holds past their deadline before any sweep does.
     settings = credits_settings(
         database_url=credits_database_url,
         redis_url=redis_url,
@@ -28,7 +40,7 @@ async def runtime(credits: Any, credits_database_url: str, redis_url: str) -> As
         run_consumer=False,
         auto_migrate=False,
     )
-    rt = await Runtime.open(settings, broker=False)
+    rt = await Runtime.open(settings, broker=False, clock=clock)
     yield rt
     await rt.close()
 
@@ -112,3 +124,64 @@ async def test_commit_sync_arriving_after_a_rebuild_changes_nothing(runtime: Run
     result = await committing
     assert result.charged == 3 and result.available == 7
     assert await ledger.live(user_id) == (7, 0)
+
+
+def lose_redis_syncs(rt: Runtime) -> Callable[[], None]:
+    """Every settlement's Redis sync fails (as if the process died right after its PostgreSQL commit)
+    until the returned function is called."""
+    apply_many = rt.ledger.holds.apply_many
+
+    async def lost(*args: Any, **kwargs: Any) -> Any:
+        raise ConnectionError("the process died before syncing Redis")
+
+    rt.ledger.holds.apply_many = lost  # type: ignore[method-assign]
+
+    def restore() -> None:
+        rt.ledger.holds.apply_many = apply_many  # type: ignore[method-assign]
+
+    return restore
+
+
+async def test_a_commit_whose_redis_sync_was_lost_is_never_handed_back(
+    runtime: Runtime, clock: FakeClock, pg: asyncpg.Pool, user_id: str
+) -> None:
+    """Redis keeps the committed hold at the old balance: conservative until the deadline. Past it the
+    scripts must not simply drop the hold (that would return the 4 charged credits); they read the
+    account again from PostgreSQL."""
+    ledger = runtime.ledger
+    await ledger.create_user(user_id)
+    held = await ledger.reserve(user_id, 6, None, ttl_seconds=2)
+    assert held is not None
+    restore = lose_redis_syncs(runtime)
+    result = await ledger.commit(held.reservation.id, 4)
+    restore()
+    assert result.charged == 4
+    assert await pg.fetchval("SELECT balance FROM accounts WHERE user_id = $1", user_id) == 6
+    assert await ledger.live(user_id) == (4, 6)  # stale but on the safe side: the hold still counts
+    clock.now += timedelta(seconds=2 + runtime.settings.orphan_grace_seconds + 1)
+    assert await ledger.live(user_id) == (6, 0)
+    with pytest.raises(InsufficientCredits):
+        await ledger.reserve(user_id, 7, None)
+    kept = await ledger.reserve(user_id, 6, None)
+    assert kept is not None and kept.available == 0
+    assert await pg.fetchval("SELECT sum(amount) FROM ledger_entries WHERE user_id = $1", user_id) == 6
+
+
+async def test_a_rebuild_leaves_out_holds_past_their_deadline(
+    runtime: Runtime, clock: FakeClock, pg: asyncpg.Pool, user_id: str
+) -> None:
+    """PostgreSQL still says "held" for a hold past its deadline until the sweeper's next pass, but it
+    can no longer be committed: a rebuild meanwhile must not count it (nor meet it again as dead)."""
+    ledger = runtime.ledger
+    await ledger.create_user(user_id)
+    held = await ledger.reserve(user_id, 3, None, ttl_seconds=1)
+    assert held is not None
+    clock.now += timedelta(seconds=1 + runtime.settings.orphan_grace_seconds + 1)
+    assert await wipe_and_rebuild(runtime, user_id) == (10, 0)
+    status = await pg.fetchval("SELECT status FROM reservations WHERE id = $1::uuid", held.reservation.id)
+    assert status == "held"
+    with pytest.raises(Conflict):
+        await ledger.commit(held.reservation.id, None)
+    assert await ledger.expire_due() == 0  # the refused commit already ended it
+    assert await ledger.live(user_id) == (10, 0)
+    assert await pg.fetchval("SELECT balance FROM accounts WHERE user_id = $1", user_id) == 10

@@ -9,33 +9,24 @@
 -- ARGV[3]  idempotency key, or "" for none
 -- ARGV[4]  "exact" (all or nothing) or "upto" (hold min(credits, available); used by refund claw-backs)
 -- ARGV[5]  deadline of the new hold (ms since epoch)
--- ARGV[6]  now minus the grace period (ms since epoch): holds whose deadline is before it are dead
---          (a commit after the deadline is refused) and leave Redis here, whether or not they ever
---          reached PostgreSQL; the sweeper records their expiry in PostgreSQL.
+-- ARGV[6]  now minus the grace period (ms since epoch): a hold whose deadline is before it is dead (a
+--          commit after the deadline is refused) and should have left Redis already (see below).
 -- Returns {status, value, epoch, held}:
 --   status  1 = held; value = credits available afterwards; held = credits actually held
 --           0 = insufficient credits; value = credits available
 --           2 = idempotent replay; value = the existing reservation id
---          -1 = the account is not loaded: rebuild it from PostgreSQL, then retry
+--          -1 = the account is not loaded (or was just dropped): rebuild it from PostgreSQL, then retry
 local acct, deadlines = KEYS[1], KEYS[2]
 if redis.call('EXISTS', acct) == 0 then
   return {-1, 0, '', 0}
 end
-local dead = redis.call('ZRANGEBYSCORE', deadlines, '-inf', '(' .. ARGV[6], 'LIMIT', 0, 32)
-for _, rid in ipairs(dead) do
-  local held = redis.call('HGET', acct, 'h:' .. rid)
-  if held then
-    redis.call('HDEL', acct, 'h:' .. rid)
-    redis.call('HINCRBY', acct, 'd', -tonumber(held))
-  end
-  local k = redis.call('HGET', acct, 'k:' .. rid)
-  if k then
-    redis.call('HDEL', acct, 'k:' .. rid)
-    if redis.call('HGET', acct, 'i:' .. k) == rid then
-      redis.call('HDEL', acct, 'i:' .. k)
-    end
-  end
-  redis.call('ZREM', deadlines, rid)
+-- A hold still here past its deadline plus the grace period missed its end: its process died before
+-- persisting it, or after a commit or release in PostgreSQL but before syncing it here (and then the
+-- balance here is stale too). Only PostgreSQL knows which, so the account is dropped and rebuilt
+-- from it (-1) rather than the hold simply dropped, which would hand a committed charge back.
+if redis.call('ZRANGEBYSCORE', deadlines, '-inf', '(' .. ARGV[6], 'LIMIT', 0, 1)[1] then
+  redis.call('DEL', acct, deadlines)
+  return {-1, 0, '', 0}
 end
 local key = ARGV[3]
 local vals = redis.call('HMGET', acct, 'b', 'd', 'e')
