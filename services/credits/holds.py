@@ -46,6 +46,17 @@ class ReserveOutcome:
     existing_id: str | None = None
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    balance: int
+    held: int
+    version: int  # the account version `balance` reflects
+
+    @property
+    def available(self) -> int:
+        return self.balance - self.held
+
+
 def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -186,12 +197,12 @@ class Holds:
     async def is_loaded(self, user_id: str) -> bool:
         return bool(await self.client.exists(self.account_key(user_id)))
 
-    async def snapshot(self, user_id: str, now_ms: int) -> tuple[int, int] | None:
-        """(balance, held), or None if not loaded (or dropped for a hold past its deadline, see view.lua)."""
+    async def snapshot(self, user_id: str, now_ms: int) -> Snapshot | None:
+        """None if not loaded (or dropped for a hold past its deadline, see view.lua)."""
         raw = await self._view(self.client, self.keys(user_id), [now_ms - self.grace_ms])
         if not raw:
             return None
-        return int(raw[0]), int(raw[1])
+        return Snapshot(int(raw[0]), int(raw[1]), int(raw[2]))
 
     async def due_deadlines(self, shard: int, now_ms: int, limit: int = 500) -> list[tuple[str, str, str]]:
         """(member, user_id, reservation_id) of index entries at or before now_ms."""

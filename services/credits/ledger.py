@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -23,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.credits import metrics, store
 from services.credits.config import CreditsSettings
-from services.credits.holds import Holds
+from services.credits.holds import Holds, ReserveOutcome, Snapshot
 from services.credits.store import NewHold, Reservation
 from services.credits.writer import CommitWriter, HoldWriter, Persisted
 from shared.errors import (
@@ -137,6 +138,7 @@ class Ledger:
             user_id="-", credits_remaining=0, threshold=self.threshold
         ).body()
         self._rebuilds: dict[str, asyncio.Future[None]] = {}
+        self._caught_up_at: dict[str, float] = {}  # user -> monotonic time of the last catch_up look
 
     async def start(self) -> None:
         self.writer.start()
@@ -190,13 +192,48 @@ class Ledger:
 
     async def live(self, user_id: str) -> tuple[int, int]:
         """(available, held) from Redis, rebuilding a missing mirror first."""
+        snap = await self._snapshot(user_id)
+        return snap.available, snap.held
+
+    async def _snapshot(self, user_id: str) -> Snapshot:
         for _ in range(5):
             snap = await self.holds.snapshot(user_id, _ms(self.clock()))
             if snap is not None:
-                balance, held = snap
-                return balance - held, held
+                return snap
             await self.rebuild(user_id)
         raise ServiceUnavailable("Could not load the balance; try again.")
+
+    async def catch_up(self, user_id: str, *, at_most_every: float = 0.0) -> bool:
+        """Brings the Redis balance forward to PostgreSQL's when a sync after a commit never came (the
+        process died in between, or Redis failed just then); otherwise that change shows only at the
+        user's next one. Every balance change outside a hold's commit adds credits (a lost commit
+        sync leaves its hold in Redis until the scripts rebuild the account), so a lapse here only
+        ever under-states the credits: callers are the places where that shows, a refused reserve
+        and the account read. Returns True when Redis was behind. `at_most_every` (seconds) bounds
+        how often one user's refused reserves may look, so a user out of credits costs no
+        PostgreSQL read per attempt."""
+        if at_most_every:
+            now = time.monotonic()
+            if now - self._caught_up_at.get(user_id, -at_most_every) < at_most_every:
+                return False
+            if len(self._caught_up_at) >= 10_000:
+                self._caught_up_at.clear()
+            self._caught_up_at[user_id] = now
+        snap = await self.holds.snapshot(user_id, _ms(self.clock()))
+        if snap is None:
+            return False  # the next use rebuilds it from PostgreSQL anyway
+        async with self.engine.connect() as conn:
+            found = (await store.balances_of(conn, [user_id])).get(user_id)
+        return found is not None and await self._bring_forward(user_id, snap, *found) is not None
+
+    async def _bring_forward(self, user_id: str, snap: Snapshot, balance: int, version: int) -> int | None:
+        """Available credits after applying PostgreSQL's (balance, version), or None if Redis was
+        not behind it."""
+        if version <= snap.version:
+            return None
+        log.warning("Redis was behind PostgreSQL for %s (version %d < %d)", user_id, snap.version, version)
+        metrics.REDIS_CAUGHT_UP.inc()
+        return await self.holds.apply(user_id, balance=balance, version=version)
 
     async def _sync(self, syncs: Sequence[_Sync]) -> None:
         for s in syncs:
@@ -240,13 +277,17 @@ class Ledger:
         # new as the balance. (Row first could pair a fresh balance with stale purchase fields: 510
         # credits after a 500-credit pack shown with the support tier of no purchase.)
         try:
-            available, held = await self.live(user_id)
+            snap = await self._snapshot(user_id)
         except NotFound:
             raise NotFound(f"Unknown user {user_id!r}.") from None
         async with self.engine.connect() as conn:
             row = await store.get_account(conn, user_id)
         if row is None:
             raise NotFound(f"Unknown user {user_id!r}.")
+        available, held = snap.available, snap.held
+        caught_up = await self._bring_forward(user_id, snap, int(row.balance), int(row.version))
+        if caught_up is not None:
+            available = caught_up
         return {
             "user_id": row.user_id,
             "credits_remaining": available,
@@ -345,7 +386,8 @@ class Ledger:
             account = await store.get_account(conn, user_id, lock="update")
             if await store.get_purchase(conn, purchase_id) is not None:
                 replay = True
-                sync = _Sync(user_id, created=created)
+                # A redelivery may follow a process that died before syncing Redis: sync it now.
+                sync = _Sync(user_id, int(account.balance), int(account.version), created=created)
             else:
                 replay = False
                 await store.insert_purchase(
@@ -466,15 +508,20 @@ class Ledger:
         now = self.clock()
         expires_at = now + timedelta(seconds=ttl)
         deadline_ms = int(expires_at.timestamp() * 1000)
-        for _ in range(5):
-            outcome = await self.holds.reserve(
-                user_id, rid, amount, idempotency_key, deadline_ms, _ms(now), up_to=up_to
-            )
-            if outcome.status != -1:
-                break
-            await self.rebuild(user_id)  # raises NotFound for an unknown user
-        else:
+
+        async def place() -> ReserveOutcome:
+            for _ in range(5):
+                outcome = await self.holds.reserve(
+                    user_id, rid, amount, idempotency_key, deadline_ms, _ms(now), up_to=up_to
+                )
+                if outcome.status != -1:
+                    return outcome
+                await self.rebuild(user_id)  # raises NotFound for an unknown user
             raise ServiceUnavailable("Could not load the balance; try again.")
+
+        outcome = await place()
+        if outcome.status == 0 and await self.catch_up(user_id, at_most_every=1.0):
+            outcome = await place()
         if outcome.status == 0:
             if idempotency_key is not None:
                 # Redis forgets a key when its hold ends; PostgreSQL remembers it. A retry of a reserve

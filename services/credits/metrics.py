@@ -16,6 +16,10 @@ CONSUMER_OUTCOMES = Counter(
     "credits_consumer_messages_total", "Billing messages by outcome", ["event_type", "outcome"]
 )
 REDIS_REBUILDS = Counter("credits_redis_rebuilds_total", "Per-user Redis state rebuilt from PostgreSQL")
+REDIS_CAUGHT_UP = Counter(
+    "credits_redis_caught_up_total",
+    "Redis balances found behind PostgreSQL (a sync lost) and brought forward",
+)
 ORPHAN_HOLDS_DROPPED = Counter(
     "credits_orphan_holds_dropped_total", "Redis-only holds dropped by the sweeper"
 )

@@ -1,8 +1,8 @@
 """Redis and PostgreSQL out of step, driven deterministically: a rebuild that lands between a reserve's
 script and the hold's PostgreSQL insert (the writer held at a gate) puts the hold back if its credits
-are still free and refuses it (402, row released) if not — never lost, never counted twice; a commit
-whose Redis sync never came (the process died in between) is read from PostgreSQL once the hold is
-past its deadline, never handed back."""
+are still free and refuses it (402, row released) if not — never lost, never counted twice. Syncs that
+never came (the process died after the PostgreSQL commit): a commit is read from PostgreSQL once its
+hold is past its deadline, never handed back; credits added show at the next refused reserve or read."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import pytest
 
 from services.credits.app import Runtime
 from shared.errors import Conflict, InsufficientCredits
+from shared.events import PackPurchased
 from tests.credits.helpers import FakeClock
 from tests.support.credits_service import credits_settings
 
@@ -127,17 +128,17 @@ async def test_commit_sync_arriving_after_a_rebuild_changes_nothing(runtime: Run
 
 
 def lose_redis_syncs(rt: Runtime) -> Callable[[], None]:
-    """Every settlement's Redis sync fails (as if the process died right after its PostgreSQL commit)
-    until the returned function is called."""
-    apply_many = rt.ledger.holds.apply_many
+    """Every Redis sync after a PostgreSQL commit fails (as if the process died right after the
+    commit) until the returned function is called."""
+    holds = rt.ledger.holds
 
     async def lost(*args: Any, **kwargs: Any) -> Any:
         raise ConnectionError("the process died before syncing Redis")
 
-    rt.ledger.holds.apply_many = lost  # type: ignore[method-assign]
+    holds.apply = holds.apply_many = lost  # type: ignore[method-assign]
 
     def restore() -> None:
-        rt.ledger.holds.apply_many = apply_many  # type: ignore[method-assign]
+        del holds.apply, holds.apply_many  # the class's methods again
 
     return restore
 
@@ -185,3 +186,49 @@ async def test_a_rebuild_leaves_out_holds_past_their_deadline(
     assert await ledger.expire_due() == 0  # the refused commit already ended it
     assert await ledger.live(user_id) == (10, 0)
     assert await pg.fetchval("SELECT balance FROM accounts WHERE user_id = $1", user_id) == 10
+
+
+async def test_credits_added_whose_redis_sync_was_lost_show_at_a_refused_reserve_and_a_read(
+    runtime: Runtime, pg: asyncpg.Pool, user_id: str
+) -> None:
+    ledger = runtime.ledger
+    await ledger.create_user(user_id)
+    restore = lose_redis_syncs(runtime)
+    assert await ledger.grant(user_id, 50, "paid by hand", "g-1")
+    restore()
+    assert await pg.fetchval("SELECT balance FROM accounts WHERE user_id = $1", user_id) == 60
+    assert await ledger.live(user_id) == (10, 0)  # Redis is behind: the grant does not show yet
+    held = await ledger.reserve(user_id, 40, None)  # refused by Redis, then PostgreSQL is asked
+    assert held is not None and held.available == 20
+    restore = lose_redis_syncs(runtime)
+    assert await ledger.grant(user_id, 5, "paid by hand", "g-2")
+    restore()
+    account = await ledger.account(user_id)
+    assert (account["credits_remaining"], account["credits_reserved"]) == (25, 40)
+    assert await ledger.live(user_id) == (25, 40)
+    # Nothing was granted twice on the way.
+    assert await pg.fetchval("SELECT sum(amount) FROM ledger_entries WHERE user_id = $1", user_id) == 65
+
+
+async def test_a_redelivered_purchase_syncs_what_its_first_delivery_could_not(
+    runtime: Runtime, pg: asyncpg.Pool, user_id: str
+) -> None:
+    """Killed after the purchase's commit, before Redis and the ack: the broker redelivers it."""
+    ledger = runtime.ledger
+    purchase = PackPurchased(
+        purchase_id=f"cs_{uuid.uuid4().hex}",
+        user_id=user_id,
+        pack="starter",
+        credits=100,
+        unlocks_api=False,
+        amount_cents=500,
+        currency="usd",
+    )
+    await ledger.create_user(user_id)
+    restore = lose_redis_syncs(runtime)
+    assert await ledger.apply_purchase(purchase)
+    restore()
+    assert await ledger.live(user_id) == (10, 0)
+    assert not await ledger.apply_purchase(purchase)  # a replay: credited once
+    assert await ledger.live(user_id) == (110, 0)
+    assert await pg.fetchval("SELECT sum(amount) FROM ledger_entries WHERE user_id = $1", user_id) == 110
