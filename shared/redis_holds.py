@@ -5,9 +5,9 @@ so the credits adapter (`services/credits/holds.py`) and the proxy's fast path c
 
 A hold placed here exists only in Redis until the credits service records it in PostgreSQL
 (`POST /v1/reservations/batch`, action "hold"). Until then it behaves like a hold whose process died
-mid-reserve: if it is never recorded, the first script to meet it past its deadline plus the grace
-period drops the user's keys, the account is rebuilt from PostgreSQL without it, and the credits come
-back; nothing reaches the ledger. Only the plain case runs here (the account is
+mid-reserve: if it is never recorded, the first credits-service script to meet it past its deadline
+plus the grace period drops the user's keys, the account is rebuilt from PostgreSQL without it, and
+the credits come back; nothing reaches the ledger. Only the plain case runs here (the account is
 loaded and covers the amount); everything else (an account to rebuild, too few credits, idempotency
 keys, Redis unreachable) answers None and the caller goes through the credits service's HTTP API.
 """
@@ -119,12 +119,10 @@ class RedisHolds:
         *,
         namespace: str = DEFAULT_NAMESPACE,
         ttl_seconds: int = 600,
-        grace_ms: int = 5000,
     ) -> None:
         self.client = client
         self.namespace = namespace
         self.ttl_ms = ttl_seconds * 1000
-        self.grace_ms = grace_ms
         self._reserve = LuaScript("reserve.lua")
         # After a failure Redis is left alone this long: every request meanwhile goes to the credits
         # service at once instead of each paying for its own failed attempt.
@@ -161,7 +159,11 @@ class RedisHolds:
                 raw = await self._reserve(
                     self.client,
                     user_keys(self.namespace, user_id),
-                    (reservation_id, amount, "", "exact", deadline_ms, now_ms - self.grace_ms),
+                    # No hold counts as dead here (cut-off 0): a hold past its deadline makes the
+                    # scripts drop the account for a rebuild, and that is the credits service's to
+                    # judge, by its own clock and grace period. Counted, a dead hold only makes
+                    # this path refuse sooner, and the credits service then clears it.
+                    (reservation_id, amount, "", "exact", deadline_ms, 0),
                 )
         except (RedisError, OSError, TimeoutError):
             self._skip_until = time.monotonic() + self.retry_after_seconds

@@ -204,36 +204,43 @@ class Ledger:
         raise ServiceUnavailable("Could not load the balance; try again.")
 
     async def catch_up(self, user_id: str, *, at_most_every: float = 0.0) -> bool:
-        """Brings the Redis balance forward to PostgreSQL's when a sync after a commit never came (the
-        process died in between, or Redis failed just then); otherwise that change shows only at the
-        user's next one. Every balance change outside a hold's commit adds credits (a lost commit
-        sync leaves its hold in Redis until the scripts rebuild the account), so a lapse here only
-        ever under-states the credits: callers are the places where that shows, a refused reserve
-        and the account read. Returns True when Redis was behind. `at_most_every` (seconds) bounds
-        how often one user's refused reserves may look, so a user out of credits costs no
-        PostgreSQL read per attempt."""
+        """Rebuilds the user's Redis state when it is behind PostgreSQL's account version: a sync after
+        a commit that never came (the process died in between, or Redis failed just then) would show
+        only at the user's next balance change. Such a lapse only ever under-states the credits (a
+        lost commit sync leaves its hold counted), so the callers are where that shows: a refused
+        reserve, a refund's claw-back. Returns True when Redis was behind (and is now rebuilt).
+        `at_most_every` (seconds) bounds how often one user's refused reserves may look, so a user
+        out of credits costs no PostgreSQL read per attempt. Errors are logged, never raised: the
+        caller's own answer stands."""
         if at_most_every:
             now = time.monotonic()
             if now - self._caught_up_at.get(user_id, -at_most_every) < at_most_every:
                 return False
             if len(self._caught_up_at) >= 10_000:
-                self._caught_up_at.clear()
+                self._caught_up_at = {u: t for u, t in self._caught_up_at.items() if now - t < at_most_every}
             self._caught_up_at[user_id] = now
-        snap = await self.holds.snapshot(user_id, _ms(self.clock()))
-        if snap is None:
-            return False  # the next use rebuilds it from PostgreSQL anyway
-        async with self.engine.connect() as conn:
-            found = (await store.balances_of(conn, [user_id])).get(user_id)
-        return found is not None and await self._bring_forward(user_id, snap, *found) is not None
+        try:
+            # PostgreSQL first: a commit landing after this read cannot make Redis look behind (only
+            # a sync still on its way can, and a rebuild then is merely early).
+            async with self.engine.connect() as conn:
+                found = (await store.balances_of(conn, [user_id])).get(user_id)
+            snap = await self.holds.snapshot(user_id, _ms(self.clock()))
+            if found is None or snap is None or found[1] <= snap.version:
+                return False  # (not loaded: the next use rebuilds it anyway)
+            await self._rebuild_behind(user_id, snap.version, found[1])
+            return True
+        except Exception:
+            log.exception("checking the Redis state of %s against PostgreSQL failed", user_id)
+            return False
 
-    async def _bring_forward(self, user_id: str, snap: Snapshot, balance: int, version: int) -> int | None:
-        """Available credits after applying PostgreSQL's (balance, version), or None if Redis was
-        not behind it."""
-        if version <= snap.version:
-            return None
-        log.warning("Redis was behind PostgreSQL for %s (version %d < %d)", user_id, snap.version, version)
+    async def _rebuild_behind(self, user_id: str, redis_version: int, pg_version: int) -> None:
+        log.warning(
+            "Redis was behind PostgreSQL for %s (version %d < %d)", user_id, redis_version, pg_version
+        )
         metrics.REDIS_CAUGHT_UP.inc()
-        return await self.holds.apply(user_id, balance=balance, version=version)
+        # Rebuilt rather than handed the new balance: when the lost sync was a commit's, its hold is
+        # still counted in Redis, and the new balance alone would count the charge twice.
+        await self.rebuild(user_id, force=True)
 
     async def _sync(self, syncs: Sequence[_Sync]) -> None:
         for s in syncs:
@@ -284,10 +291,13 @@ class Ledger:
             row = await store.get_account(conn, user_id)
         if row is None:
             raise NotFound(f"Unknown user {user_id!r}.")
+        if int(row.version) > snap.version:
+            # Redis is behind: a sync still on its way (read again), or one that never came (rebuild).
+            snap = await self._snapshot(user_id)
+            if int(row.version) > snap.version:
+                await self._rebuild_behind(user_id, snap.version, int(row.version))
+                snap = await self._snapshot(user_id)
         available, held = snap.available, snap.held
-        caught_up = await self._bring_forward(user_id, snap, int(row.balance), int(row.version))
-        if caught_up is not None:
-            available = caught_up
         return {
             "user_id": row.user_id,
             "credits_remaining": available,
@@ -462,6 +472,9 @@ class Ledger:
             if want <= 0:
                 return False  # a replay, or a stale (smaller) cumulative value
             reference = f"refund:{event.purchase_id}:{cumulative}"
+            # The claw-back takes what Redis shows available: a Redis left behind by a lost sync (the
+            # purchase's own, say) would leave spendable credits out and record them as owed instead.
+            await self.catch_up(user_id)
             # The hold is persisted by the hold writer on its own connection (it does not touch the
             # locked purchase). A hold left by an attempt that dies here simply expires.
             hold = await self.reserve(

@@ -17,7 +17,7 @@ import pytest
 
 from services.credits.app import Runtime
 from shared.errors import Conflict, InsufficientCredits
-from shared.events import PackPurchased
+from shared.events import PackPurchased, PackRefunded
 from tests.credits.helpers import FakeClock
 from tests.support.credits_service import credits_settings
 
@@ -232,3 +232,51 @@ async def test_a_redelivered_purchase_syncs_what_its_first_delivery_could_not(
     assert not await ledger.apply_purchase(purchase)  # a replay: credited once
     assert await ledger.live(user_id) == (110, 0)
     assert await pg.fetchval("SELECT sum(amount) FROM ledger_entries WHERE user_id = $1", user_id) == 110
+
+
+async def test_a_commit_whose_redis_sync_was_lost_is_read_right_before_its_deadline(
+    runtime: Runtime, pg: asyncpg.Pool, user_id: str
+) -> None:
+    """Before the deadline Redis counts the committed hold and the old balance; the account read and a
+    refused reserve see Redis behind PostgreSQL and rebuild it: the charge counted once, not twice."""
+    ledger = runtime.ledger
+    await ledger.create_user(user_id)
+    held = await ledger.reserve(user_id, 6, None)
+    assert held is not None
+    restore = lose_redis_syncs(runtime)
+    assert (await ledger.commit(held.reservation.id, 4)).charged == 4
+    restore()
+    assert await ledger.live(user_id) == (4, 6)
+    account = await ledger.account(user_id)
+    assert (account["credits_remaining"], account["credits_reserved"]) == (6, 0)
+
+    other = await ledger.reserve(user_id, 6, None)
+    assert other is not None
+    restore = lose_redis_syncs(runtime)
+    assert (await ledger.commit(other.reservation.id, 1)).charged == 1
+    restore()
+    assert await ledger.live(user_id) == (0, 6)
+    again = await ledger.reserve(user_id, 5, None)  # refused by Redis; PostgreSQL says 5 are free
+    assert again is not None and again.available == 0
+    assert await pg.fetchval("SELECT balance FROM accounts WHERE user_id = $1", user_id) == 5
+
+
+async def test_a_refund_claws_back_credits_whose_redis_sync_was_lost(
+    runtime: Runtime, pg: asyncpg.Pool, user_id: str
+) -> None:
+    """The pack's credits never reached Redis; its refund must still take them back, not record them
+    as owed while they stay spendable."""
+    ledger = runtime.ledger
+    purchase_id = f"cs_{uuid.uuid4().hex}"
+    common = {"purchase_id": purchase_id, "user_id": user_id, "pack": "starter", "credits": 100}
+    await ledger.create_user(user_id)
+    restore = lose_redis_syncs(runtime)
+    assert await ledger.apply_purchase(
+        PackPurchased(**common, unlocks_api=False, amount_cents=500, currency="usd")
+    )
+    restore()
+    assert await ledger.live(user_id) == (10, 0)
+    assert await ledger.apply_refund(PackRefunded(**common, amount_cents=500, currency="usd"))
+    account = await ledger.account(user_id)
+    assert (account["credits_remaining"], account["credits_owed"]) == (10, 0)
+    assert await pg.fetchval("SELECT balance FROM accounts WHERE user_id = $1", user_id) == 10

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from shared.redis_holds import PlacedHold, RedisHolds
+from shared.redis_holds import PlacedHold, RedisHolds, user_keys
 from tests.conftest import eventually
 from tests.credits.helpers import Checker, assert_envelope
 from tests.support.credits_service import CreditsService
@@ -234,6 +234,29 @@ async def test_a_placed_hold_that_is_never_recorded_lapses_without_a_trace(
     assert late["status"] == 409, late
     s = await check.consistent(user_id, client)
     assert s["holds"] == [] and [e["amount"] for e in s["ledger"]] == [10]
+
+
+async def test_the_fast_path_leaves_holds_past_their_deadline_to_the_credits_service(
+    client: httpx.AsyncClient, check: Checker, redis_url: str, user_id: str
+) -> None:
+    """The proxy's clock and grace never decide that a hold is dead (a clock running ahead would drop
+    the account for a rebuild again and again): such a hold still counts on the fast path, and the
+    credits service clears it once a refused request comes to it."""
+    await _user(client, check, user_id)
+    namespace = check.credits.settings.redis_namespace
+    short = RedisHolds(aioredis.from_url(redis_url), namespace=namespace, ttl_seconds=1)
+    try:
+        assert await short.place(user_id, 7) is not None  # never recorded: its proxy "died"
+        await asyncio.sleep(1 + check.credits.settings.orphan_grace_seconds + 0.5)
+        assert await short.place(user_id, 5) is None  # the dead 7 still count here: 3 left
+        assert await short.client.exists(*user_keys(namespace, user_id)) == 2  # nothing dropped
+    finally:
+        await short.aclose()
+    r = await client.post("/v1/reservations", json={"user_id": user_id, "amount": 5})
+    assert r.status_code == 201, r.text
+    assert r.json()["credits_remaining"] == 5
+    s = await check.consistent(user_id, client)
+    assert [(h["amount"], h["status"]) for h in s["holds"]] == [(5, "held")]
 
 
 async def test_500_concurrent_placements_from_two_clients_hold_exactly_the_balance(

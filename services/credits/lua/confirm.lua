@@ -4,7 +4,8 @@
 -- ARGV[1]  reservation id, ARGV[2] held credits, ARGV[3] idempotency key or "", ARGV[4] epoch seen by
 --          reserve, ARGV[5] deadline (ms since epoch), ARGV[6] "strict" for a hold placed outside the
 --          credits service (the proxy's fast path): under an unchanged epoch it must still be in Redis
---          (it could have been dropped past its deadline, or never placed), so the epoch alone is no proof
+--          (the sweeper may have ended it past its deadline, or it was never placed), so the epoch alone
+--          is no proof
 -- Returns {1, available} when the hold stands (or the account is not loaded: the next rebuild reads
 -- the persisted hold), {0, available} when it could not be restored (the caller fails the reserve).
 local acct, deadlines = KEYS[1], KEYS[2]

@@ -10,7 +10,8 @@
 -- ARGV[4]  "exact" (all or nothing) or "upto" (hold min(credits, available); used by refund claw-backs)
 -- ARGV[5]  deadline of the new hold (ms since epoch)
 -- ARGV[6]  now minus the grace period (ms since epoch): a hold whose deadline is before it is dead (a
---          commit after the deadline is refused) and should have left Redis already (see below).
+--          commit after the deadline is refused) and should have left Redis already (see below). The
+--          proxy passes 0 (no hold is dead): only the credits service judges, by its clock and grace.
 -- Returns {status, value, epoch, held}:
 --   status  1 = held; value = credits available afterwards; held = credits actually held
 --           0 = insufficient credits; value = credits available
