@@ -54,7 +54,9 @@ class Snapshot:
 
     @property
     def available(self) -> int:
-        return self.balance - self.held
+        # Never below zero: only a charge counted twice (a lost commit sync overtaken by a later
+        # sync, until the sweeper or the hold's deadline mends it) could take it there.
+        return max(self.balance - self.held, 0)
 
 
 def _s(value: Any) -> str:
@@ -193,6 +195,11 @@ class Holds:
         for shard, members in by_shard.items():
             pipe.zadd(self.deadline_key(shard), members)
         await pipe.execute()
+
+    async def version(self, user_id: str) -> int | None:
+        """The account version the loaded balance reflects, or None if not loaded."""
+        raw = await self.client.hget(self.account_key(user_id), "v")
+        return None if raw is None else int(raw)
 
     async def is_loaded(self, user_id: str) -> bool:
         return bool(await self.client.exists(self.account_key(user_id)))

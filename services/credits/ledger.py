@@ -139,6 +139,7 @@ class Ledger:
         ).body()
         self._rebuilds: dict[str, asyncio.Future[None]] = {}
         self._caught_up_at: dict[str, float] = {}  # user -> monotonic time of the last catch_up look
+        self._failed_syncs: set[str] = set()  # users whose Redis sync failed, for the sweeper to rebuild
 
     async def start(self) -> None:
         self.writer.start()
@@ -159,10 +160,13 @@ class Ledger:
 
     # ------------------------------------------------------------ Redis mirror
 
-    async def rebuild(self, user_id: str, *, force: bool = False) -> None:
-        """Loads a user's Redis state from PostgreSQL under the account row lock (coalesced per process)."""
+    async def rebuild(self, user_id: str, *, force: bool = False, if_behind: bool = False) -> None:
+        """Loads a user's Redis state from PostgreSQL under the account row lock (coalesced per process).
+        Without `force`, only a missing mirror is loaded; with `if_behind`, only a mirror missing or
+        behind the account version (checked under the lock, so a sync that landed meanwhile spares
+        the rebuild)."""
         running = self._rebuilds.get(user_id)
-        if running is not None and not force:
+        if running is not None and not (force or if_behind):
             await asyncio.shield(running)
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -172,7 +176,12 @@ class Ledger:
                 row = await store.get_account(conn, user_id, lock="update")
                 if row is None:
                     raise NotFound(f"Unknown user {user_id!r}.")
-                if force or not await self.holds.is_loaded(user_id):
+                if if_behind:
+                    loaded_version = await self.holds.version(user_id)
+                    load = loaded_version is None or loaded_version < int(row.version)
+                else:
+                    load = force or not await self.holds.is_loaded(user_id)
+                if load:
                     epoch = await store.next_redis_epoch(conn, user_id)
                     # A hold past its deadline plus the grace period can no longer be committed; the
                     # sweeper ends it in PostgreSQL. Loaded, the scripts would meet it as dead and
@@ -217,30 +226,45 @@ class Ledger:
             if now - self._caught_up_at.get(user_id, -at_most_every) < at_most_every:
                 return False
             if len(self._caught_up_at) >= 10_000:
-                self._caught_up_at = {u: t for u, t in self._caught_up_at.items() if now - t < at_most_every}
+                self._caught_up_at.clear()  # forgetting only lets some users look once more
             self._caught_up_at[user_id] = now
         try:
             # PostgreSQL first: a commit landing after this read cannot make Redis look behind (only
-            # a sync still on its way can, and a rebuild then is merely early).
+            # a sync still on its way can, and the rebuild checks again under the lock).
             async with self.engine.connect() as conn:
                 found = (await store.balances_of(conn, [user_id])).get(user_id)
+            if found is None:
+                return False
             snap = await self.holds.snapshot(user_id, _ms(self.clock()))
-            if found is None or snap is None or found[1] <= snap.version:
-                return False  # (not loaded: the next use rebuilds it anyway)
-            await self._rebuild_behind(user_id, snap.version, found[1])
+            if snap is None:
+                return True  # just dropped (a hold past its deadline): the caller's retry rebuilds it
+            if found[1] <= snap.version:
+                return False
+            log.warning(
+                "Redis was behind PostgreSQL for %s (version %d < %d)", user_id, snap.version, found[1]
+            )
+            metrics.REDIS_CAUGHT_UP.inc()
+            # Rebuilt rather than handed the new balance: when the lost sync was a commit's, its hold
+            # is still counted in Redis, and the new balance alone would count the charge twice.
+            await self.rebuild(user_id, if_behind=True)
             return True
         except Exception:
             log.exception("checking the Redis state of %s against PostgreSQL failed", user_id)
             return False
 
-    async def _rebuild_behind(self, user_id: str, redis_version: int, pg_version: int) -> None:
-        log.warning(
-            "Redis was behind PostgreSQL for %s (version %d < %d)", user_id, redis_version, pg_version
-        )
-        metrics.REDIS_CAUGHT_UP.inc()
-        # Rebuilt rather than handed the new balance: when the lost sync was a commit's, its hold is
-        # still counted in Redis, and the new balance alone would count the charge twice.
-        await self.rebuild(user_id, force=True)
+    async def resync_failed(self) -> int:
+        """Rebuilds the users whose Redis sync failed (Redis unreachable just then); run by the
+        sweeper. A failed sync may have been a commit's, whose hold a later sync would not end."""
+        users, self._failed_syncs = self._failed_syncs, set()
+        for user_id in users:
+            try:
+                await self.rebuild(user_id, force=True)
+            except NotFound:
+                pass
+            except Exception:
+                self._failed_syncs.add(user_id)
+                raise
+        return len(users)
 
     async def _sync(self, syncs: Sequence[_Sync]) -> None:
         for s in syncs:
@@ -253,8 +277,9 @@ class Ledger:
             except NotFound:
                 raise
             except Exception:
-                # PostgreSQL has the change; Redis catches up at the next sync of this user (versions
-                # only move forward) or at the sweeper's pass. Holds are only ever over-counted here.
+                # PostgreSQL has the change; the sweeper rebuilds this user's Redis state. Meanwhile
+                # Redis only under-states (a hold still counted, credits added not yet shown).
+                self._failed_syncs.add(s.user_id)
                 log.exception("syncing Redis for %s failed", s.user_id)
 
     # ------------------------------------------------------------ accounts
@@ -291,12 +316,9 @@ class Ledger:
             row = await store.get_account(conn, user_id)
         if row is None:
             raise NotFound(f"Unknown user {user_id!r}.")
-        if int(row.version) > snap.version:
-            # Redis is behind: a sync still on its way (read again), or one that never came (rebuild).
+        if int(row.version) > snap.version and await self.catch_up(user_id, at_most_every=1.0):
+            # Redis was behind: a sync that never came (or one still on its way, then no rebuild).
             snap = await self._snapshot(user_id)
-            if int(row.version) > snap.version:
-                await self._rebuild_behind(user_id, snap.version, int(row.version))
-                snap = await self._snapshot(user_id)
         available, held = snap.available, snap.held
         return {
             "user_id": row.user_id,
@@ -752,8 +774,8 @@ class Ledger:
                 mirrored = await self.holds.apply_many(changes)
                 available = {i: a for (i, report, *_), a in zip(syncs, mirrored, strict=True) if report}
             except Exception:
-                # PostgreSQL has the change; Redis catches up at the next sync of these users
-                # (versions only move forward) or at the sweeper's pass.
+                # PostgreSQL has the change; the sweeper rebuilds these users' Redis state.
+                self._failed_syncs.update(user for _, _, user, _, _ in syncs)
                 log.exception("syncing Redis after %d settlements failed", len(syncs))
         out: list[SettleResult | AppError] = []
         for i, result in enumerate(results):

@@ -1,5 +1,5 @@
 """Background sweeper: expires holds past their deadline (PostgreSQL first, so the ledger learns of every
-expiry) and drops Redis-only leftovers. Several processes may run it: rows are claimed with SKIP LOCKED."""
+expiry), drops Redis-only leftovers and rebuilds the Redis state of users whose sync failed. Several processes may run it: rows are claimed with SKIP LOCKED."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ class Sweeper:
     async def sweep_once(self) -> tuple[int, int]:
         expired = await self.ledger.expire_due()
         dropped = await self.ledger.sweep_redis()
+        await self.ledger.resync_failed()
         return expired, dropped
 
     async def _run(self) -> None:

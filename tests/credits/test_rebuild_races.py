@@ -188,7 +188,7 @@ async def test_a_rebuild_leaves_out_holds_past_their_deadline(
     assert await pg.fetchval("SELECT balance FROM accounts WHERE user_id = $1", user_id) == 10
 
 
-async def test_credits_added_whose_redis_sync_was_lost_show_at_a_refused_reserve_and_a_read(
+async def test_credits_added_whose_redis_sync_was_lost_show_at_a_refused_reserve(
     runtime: Runtime, pg: asyncpg.Pool, user_id: str
 ) -> None:
     ledger = runtime.ledger
@@ -200,14 +200,23 @@ async def test_credits_added_whose_redis_sync_was_lost_show_at_a_refused_reserve
     assert await ledger.live(user_id) == (10, 0)  # Redis is behind: the grant does not show yet
     held = await ledger.reserve(user_id, 40, None)  # refused by Redis, then PostgreSQL is asked
     assert held is not None and held.available == 20
-    restore = lose_redis_syncs(runtime)
-    assert await ledger.grant(user_id, 5, "paid by hand", "g-2")
-    restore()
-    account = await ledger.account(user_id)
-    assert (account["credits_remaining"], account["credits_reserved"]) == (25, 40)
-    assert await ledger.live(user_id) == (25, 40)
     # Nothing was granted twice on the way.
-    assert await pg.fetchval("SELECT sum(amount) FROM ledger_entries WHERE user_id = $1", user_id) == 65
+    assert await pg.fetchval("SELECT sum(amount) FROM ledger_entries WHERE user_id = $1", user_id) == 60
+
+
+async def test_credits_added_whose_redis_sync_was_lost_show_at_the_account_read(
+    runtime: Runtime, user_id: str
+) -> None:
+    ledger = runtime.ledger
+    await ledger.create_user(user_id)
+    assert await ledger.reserve(user_id, 4, None) is not None
+    restore = lose_redis_syncs(runtime)
+    assert await ledger.grant(user_id, 5, "paid by hand", "g-1")
+    restore()
+    assert await ledger.live(user_id) == (6, 4)
+    account = await ledger.account(user_id)
+    assert (account["credits_remaining"], account["credits_reserved"]) == (11, 4)
+    assert await ledger.live(user_id) == (11, 4)
 
 
 async def test_a_redelivered_purchase_syncs_what_its_first_delivery_could_not(
@@ -234,11 +243,11 @@ async def test_a_redelivered_purchase_syncs_what_its_first_delivery_could_not(
     assert await pg.fetchval("SELECT sum(amount) FROM ledger_entries WHERE user_id = $1", user_id) == 110
 
 
-async def test_a_commit_whose_redis_sync_was_lost_is_read_right_before_its_deadline(
-    runtime: Runtime, pg: asyncpg.Pool, user_id: str
+async def test_a_commit_whose_redis_sync_was_lost_is_read_right_at_the_account_read(
+    runtime: Runtime, user_id: str
 ) -> None:
-    """Before the deadline Redis counts the committed hold and the old balance; the account read and a
-    refused reserve see Redis behind PostgreSQL and rebuild it: the charge counted once, not twice."""
+    """Before the deadline Redis counts the committed hold and the old balance; the account read sees
+    Redis behind PostgreSQL and rebuilds it: the charge counted once, not twice."""
     ledger = runtime.ledger
     await ledger.create_user(user_id)
     held = await ledger.reserve(user_id, 6, None)
@@ -250,15 +259,56 @@ async def test_a_commit_whose_redis_sync_was_lost_is_read_right_before_its_deadl
     account = await ledger.account(user_id)
     assert (account["credits_remaining"], account["credits_reserved"]) == (6, 0)
 
-    other = await ledger.reserve(user_id, 6, None)
-    assert other is not None
+
+async def test_a_commit_whose_redis_sync_was_lost_does_not_refuse_a_reserve(
+    runtime: Runtime, pg: asyncpg.Pool, user_id: str
+) -> None:
+    ledger = runtime.ledger
+    await ledger.create_user(user_id)
+    held = await ledger.reserve(user_id, 6, None)
+    assert held is not None
     restore = lose_redis_syncs(runtime)
-    assert (await ledger.commit(other.reservation.id, 1)).charged == 1
+    assert (await ledger.commit(held.reservation.id, 1)).charged == 1
     restore()
-    assert await ledger.live(user_id) == (0, 6)
-    again = await ledger.reserve(user_id, 5, None)  # refused by Redis; PostgreSQL says 5 are free
+    assert await ledger.live(user_id) == (4, 6)
+    again = await ledger.reserve(user_id, 9, None)  # refused by Redis; PostgreSQL says 9 are free
     assert again is not None and again.available == 0
-    assert await pg.fetchval("SELECT balance FROM accounts WHERE user_id = $1", user_id) == 5
+    assert await pg.fetchval("SELECT balance FROM accounts WHERE user_id = $1", user_id) == 9
+
+
+async def test_a_failed_sync_overtaken_by_a_later_one_is_rebuilt_by_the_sweeper(
+    runtime: Runtime, pg: asyncpg.Pool, user_id: str
+) -> None:
+    """A grant's sync carries the account version past the lost commit's: the versions agree again,
+    yet the committed hold is still counted. The sweeper rebuilds every user whose sync failed."""
+    ledger = runtime.ledger
+    await ledger.create_user(user_id)
+    held = await ledger.reserve(user_id, 6, None)
+    assert held is not None
+    restore = lose_redis_syncs(runtime)
+    assert (await ledger.commit(held.reservation.id, 4)).charged == 4
+    restore()
+    assert await ledger.grant(user_id, 1, "goodwill", "g-1")
+    assert await ledger.live(user_id) == (1, 6)  # the charge counted twice: balance 7, hold 6
+    assert await ledger.resync_failed() == 1
+    assert await ledger.live(user_id) == (7, 0)
+    assert await ledger.resync_failed() == 0
+
+
+async def test_a_rebuild_if_behind_leaves_a_current_mirror_alone(
+    runtime: Runtime, pg: asyncpg.Pool, user_id: str
+) -> None:
+    ledger = runtime.ledger
+    await ledger.create_user(user_id)
+    epoch = await pg.fetchval("SELECT redis_epoch FROM accounts WHERE user_id = $1", user_id)
+    await ledger.rebuild(user_id, if_behind=True)
+    assert await pg.fetchval("SELECT redis_epoch FROM accounts WHERE user_id = $1", user_id) == epoch
+    restore = lose_redis_syncs(runtime)
+    assert await ledger.grant(user_id, 3, "goodwill", "g-1")
+    restore()
+    await ledger.rebuild(user_id, if_behind=True)
+    assert await pg.fetchval("SELECT redis_epoch FROM accounts WHERE user_id = $1", user_id) == epoch + 1
+    assert await ledger.live(user_id) == (13, 0)
 
 
 async def test_a_refund_claws_back_credits_whose_redis_sync_was_lost(

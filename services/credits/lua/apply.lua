@@ -33,4 +33,8 @@ if ARGV[2] ~= '' then
   end
 end
 local vals = redis.call('HMGET', acct, 'b', 'd')
-return tonumber(vals[1]) - tonumber(vals[2])
+local available = tonumber(vals[1]) - tonumber(vals[2])
+if available < 0 then
+  available = 0  -- a hold still counted after its commit's sync was lost (see reserve.lua)
+end
+return available

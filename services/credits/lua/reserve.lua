@@ -38,6 +38,11 @@ if key ~= '' then
   end
 end
 local available = tonumber(vals[1]) - tonumber(vals[2])
+if available < 0 then
+  -- Only a count gone wrong on the safe side gets here: a commit whose sync was lost while a later
+  -- sync brought the balance forward, so the charge is in the balance and its hold still counted.
+  available = 0
+end
 local amount = tonumber(ARGV[2])
 if ARGV[4] == 'upto' then
   if available < amount then
