@@ -217,7 +217,7 @@ class Ledger:
         a commit that never came (the process died in between, or Redis failed just then) would show
         only at the user's next balance change. Such a lapse only ever under-states the credits (a
         lost commit sync leaves its hold counted), so the callers are where that shows: a refused
-        reserve, a refund's claw-back. Returns True when Redis was behind (and is now rebuilt).
+        reserve, the account read, a refund's claw-back. Returns True when Redis was behind (and is now rebuilt).
         `at_most_every` (seconds) bounds how often one user's refused reserves may look, so a user
         out of credits costs no PostgreSQL read per attempt. Errors are logged, never raised: the
         caller's own answer stands."""
@@ -255,14 +255,14 @@ class Ledger:
     async def resync_failed(self) -> int:
         """Rebuilds the users whose Redis sync failed (Redis unreachable just then); run by the
         sweeper. A failed sync may have been a commit's, whose hold a later sync would not end."""
-        users, self._failed_syncs = self._failed_syncs, set()
-        for user_id in users:
+        users, self._failed_syncs = list(self._failed_syncs), set()
+        for i, user_id in enumerate(users):
             try:
                 await self.rebuild(user_id, force=True)
             except NotFound:
                 pass
             except Exception:
-                self._failed_syncs.add(user_id)
+                self._failed_syncs.update(users[i:])  # Redis still failing: the next pass tries again
                 raise
         return len(users)
 

@@ -330,3 +330,28 @@ async def test_a_refund_claws_back_credits_whose_redis_sync_was_lost(
     account = await ledger.account(user_id)
     assert (account["credits_remaining"], account["credits_owed"]) == (10, 0)
     assert await pg.fetchval("SELECT balance FROM accounts WHERE user_id = $1", user_id) == 10
+
+
+async def test_users_whose_sync_failed_wait_for_a_sweep_that_can_reach_redis(
+    runtime: Runtime, user_id: str
+) -> None:
+    ledger = runtime.ledger
+    other = f"{user_id}-b"
+    for user in (user_id, other):
+        await ledger.create_user(user)
+    restore = lose_redis_syncs(runtime)
+    for user in (user_id, other):
+        assert await ledger.grant(user, 5, "paid by hand", "g-1")
+    restore()
+    holds = ledger.holds
+
+    async def unreachable(*args: Any, **kwargs: Any) -> Any:
+        raise ConnectionError("Redis still unreachable")
+
+    holds.load = unreachable  # type: ignore[method-assign]
+    with pytest.raises(ConnectionError):
+        await ledger.resync_failed()
+    del holds.load
+    assert await ledger.resync_failed() == 2  # both still queued, the first one included
+    for user in (user_id, other):
+        assert await ledger.live(user) == (15, 0)
