@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -9,6 +11,7 @@ from typing import Any
 import asyncpg
 import httpx
 
+from services.credits.holds import Holds
 from tests.support.credits_service import CreditsService
 
 
@@ -18,6 +21,21 @@ def assert_envelope(r: httpx.Response, status: int, code: str) -> None:
     assert set(body) == {"error"}, body
     assert set(body["error"]) == {"type", "code", "message"}, body
     assert body["error"]["code"] == code, body
+
+
+@contextlib.contextmanager
+def redis_syncs_lost(holds: Holds) -> Iterator[None]:
+    """Inside the block every Redis sync after a PostgreSQL commit fails, as when the process dies
+    right after the commit (or Redis fails just then); everything else stays real."""
+
+    async def lost(*args: Any, **kwargs: Any) -> Any:
+        raise ConnectionError("the process died before syncing Redis")
+
+    holds.apply = holds.apply_many = lost  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del holds.apply, holds.apply_many  # the class's methods again
 
 
 class FakeClock:

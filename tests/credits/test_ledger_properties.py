@@ -26,7 +26,7 @@ from sqlalchemy.engine import make_url
 
 from services.credits.app import Runtime
 from shared.errors import Conflict, InsufficientCredits
-from tests.credits.helpers import FakeClock
+from tests.credits.helpers import FakeClock, redis_syncs_lost
 from tests.support.credits_service import credits_settings
 
 NAMESPACE = f"credits-prop-{uuid.uuid4().hex[:6]}"
@@ -170,16 +170,8 @@ async def run_program(h: Harness, pg: asyncpg.Pool, ops: list[Any]) -> None:
             rid = model.pick(op[1])
             if rid is None:
                 return
-            apply_many = ledger.holds.apply_many
-
-            async def lost(*args: Any, **kwargs: Any) -> Any:
-                raise ConnectionError("the process died before syncing Redis")
-
-            ledger.holds.apply_many = lost  # type: ignore[method-assign]
-            try:
+            with redis_syncs_lost(ledger.holds):
                 await step((kind.removesuffix("_lost"), op[1], op[2]))
-            finally:
-                ledger.holds.apply_many = apply_many  # type: ignore[method-assign]
             model.unsynced.add(rid)
         elif kind == "expire":
             h.clock.now += timedelta(seconds=op[1])

@@ -16,9 +16,10 @@ import asyncpg
 import pytest
 
 from services.credits.app import Runtime
+from services.credits.ledger import Ledger
 from shared.errors import Conflict, InsufficientCredits
 from shared.events import PackPurchased, PackRefunded
-from tests.credits.helpers import FakeClock
+from tests.credits.helpers import FakeClock, redis_syncs_lost
 from tests.support.credits_service import credits_settings
 
 
@@ -127,20 +128,13 @@ async def test_commit_sync_arriving_after_a_rebuild_changes_nothing(runtime: Run
     assert await ledger.live(user_id) == (7, 0)
 
 
-def lose_redis_syncs(rt: Runtime) -> Callable[[], None]:
-    """Every Redis sync after a PostgreSQL commit fails (as if the process died right after the
-    commit) until the returned function is called."""
-    holds = rt.ledger.holds
-
-    async def lost(*args: Any, **kwargs: Any) -> Any:
-        raise ConnectionError("the process died before syncing Redis")
-
-    holds.apply = holds.apply_many = lost  # type: ignore[method-assign]
-
-    def restore() -> None:
-        del holds.apply, holds.apply_many  # the class's methods again
-
-    return restore
+async def commit_losing_its_sync(ledger: Ledger, user_id: str, reserve: int, charge: int) -> None:
+    """A new user reserves `reserve` credits and commits `charge` of them; the commit's Redis sync is lost."""
+    await ledger.create_user(user_id)
+    held = await ledger.reserve(user_id, reserve, None)
+    assert held is not None
+    with redis_syncs_lost(ledger.holds):
+        assert (await ledger.commit(held.reservation.id, charge)).charged == charge
 
 
 async def test_a_commit_whose_redis_sync_was_lost_is_never_handed_back(
@@ -153,9 +147,8 @@ async def test_a_commit_whose_redis_sync_was_lost_is_never_handed_back(
     await ledger.create_user(user_id)
     held = await ledger.reserve(user_id, 6, None, ttl_seconds=2)
     assert held is not None
-    restore = lose_redis_syncs(runtime)
-    result = await ledger.commit(held.reservation.id, 4)
-    restore()
+    with redis_syncs_lost(runtime.ledger.holds):
+        result = await ledger.commit(held.reservation.id, 4)
     assert result.charged == 4
     assert await pg.fetchval("SELECT balance FROM accounts WHERE user_id = $1", user_id) == 6
     assert await ledger.live(user_id) == (4, 6)  # stale but on the safe side: the hold still counts
@@ -193,9 +186,8 @@ async def test_credits_added_whose_redis_sync_was_lost_show_at_a_refused_reserve
 ) -> None:
     ledger = runtime.ledger
     await ledger.create_user(user_id)
-    restore = lose_redis_syncs(runtime)
-    assert await ledger.grant(user_id, 50, "paid by hand", "g-1")
-    restore()
+    with redis_syncs_lost(runtime.ledger.holds):
+        assert await ledger.grant(user_id, 50, "paid by hand", "g-1")
     assert await pg.fetchval("SELECT balance FROM accounts WHERE user_id = $1", user_id) == 60
     assert await ledger.live(user_id) == (10, 0)  # Redis is behind: the grant does not show yet
     held = await ledger.reserve(user_id, 40, None)  # refused by Redis, then PostgreSQL is asked
@@ -210,9 +202,8 @@ async def test_credits_added_whose_redis_sync_was_lost_show_at_the_account_read(
     ledger = runtime.ledger
     await ledger.create_user(user_id)
     assert await ledger.reserve(user_id, 4, None) is not None
-    restore = lose_redis_syncs(runtime)
-    assert await ledger.grant(user_id, 5, "paid by hand", "g-1")
-    restore()
+    with redis_syncs_lost(runtime.ledger.holds):
+        assert await ledger.grant(user_id, 5, "paid by hand", "g-1")
     assert await ledger.live(user_id) == (6, 4)
     account = await ledger.account(user_id)
     assert (account["credits_remaining"], account["credits_reserved"]) == (11, 4)
@@ -234,9 +225,8 @@ async def test_a_redelivered_purchase_syncs_what_its_first_delivery_could_not(
         currency="usd",
     )
     await ledger.create_user(user_id)
-    restore = lose_redis_syncs(runtime)
-    assert await ledger.apply_purchase(purchase)
-    restore()
+    with redis_syncs_lost(runtime.ledger.holds):
+        assert await ledger.apply_purchase(purchase)
     assert await ledger.live(user_id) == (10, 0)
     assert not await ledger.apply_purchase(purchase)  # a replay: credited once
     assert await ledger.live(user_id) == (110, 0)
@@ -249,12 +239,7 @@ async def test_a_commit_whose_redis_sync_was_lost_is_read_right_at_the_account_r
     """Before the deadline Redis counts the committed hold and the old balance; the account read sees
     Redis behind PostgreSQL and rebuilds it: the charge counted once, not twice."""
     ledger = runtime.ledger
-    await ledger.create_user(user_id)
-    held = await ledger.reserve(user_id, 6, None)
-    assert held is not None
-    restore = lose_redis_syncs(runtime)
-    assert (await ledger.commit(held.reservation.id, 4)).charged == 4
-    restore()
+    await commit_losing_its_sync(ledger, user_id, 6, 4)
     assert await ledger.live(user_id) == (4, 6)
     account = await ledger.account(user_id)
     assert (account["credits_remaining"], account["credits_reserved"]) == (6, 0)
@@ -264,12 +249,7 @@ async def test_a_commit_whose_redis_sync_was_lost_does_not_refuse_a_reserve(
     runtime: Runtime, pg: asyncpg.Pool, user_id: str
 ) -> None:
     ledger = runtime.ledger
-    await ledger.create_user(user_id)
-    held = await ledger.reserve(user_id, 6, None)
-    assert held is not None
-    restore = lose_redis_syncs(runtime)
-    assert (await ledger.commit(held.reservation.id, 1)).charged == 1
-    restore()
+    await commit_losing_its_sync(ledger, user_id, 6, 1)
     assert await ledger.live(user_id) == (4, 6)
     again = await ledger.reserve(user_id, 9, None)  # refused by Redis; PostgreSQL says 9 are free
     assert again is not None and again.available == 0
@@ -282,12 +262,7 @@ async def test_a_failed_sync_overtaken_by_a_later_one_is_rebuilt_by_the_sweeper(
     """A grant's sync carries the account version past the lost commit's: the versions agree again,
     yet the committed hold is still counted. The sweeper rebuilds every user whose sync failed."""
     ledger = runtime.ledger
-    await ledger.create_user(user_id)
-    held = await ledger.reserve(user_id, 6, None)
-    assert held is not None
-    restore = lose_redis_syncs(runtime)
-    assert (await ledger.commit(held.reservation.id, 4)).charged == 4
-    restore()
+    await commit_losing_its_sync(ledger, user_id, 6, 4)
     assert await ledger.grant(user_id, 1, "goodwill", "g-1")
     assert await ledger.live(user_id) == (1, 6)  # the charge counted twice: balance 7, hold 6
     assert await ledger.resync_failed() == 1
@@ -303,9 +278,8 @@ async def test_a_rebuild_if_behind_leaves_a_current_mirror_alone(
     epoch = await pg.fetchval("SELECT redis_epoch FROM accounts WHERE user_id = $1", user_id)
     await ledger.rebuild(user_id, if_behind=True)
     assert await pg.fetchval("SELECT redis_epoch FROM accounts WHERE user_id = $1", user_id) == epoch
-    restore = lose_redis_syncs(runtime)
-    assert await ledger.grant(user_id, 3, "goodwill", "g-1")
-    restore()
+    with redis_syncs_lost(runtime.ledger.holds):
+        assert await ledger.grant(user_id, 3, "goodwill", "g-1")
     await ledger.rebuild(user_id, if_behind=True)
     assert await pg.fetchval("SELECT redis_epoch FROM accounts WHERE user_id = $1", user_id) == epoch + 1
     assert await ledger.live(user_id) == (13, 0)
@@ -320,11 +294,10 @@ async def test_a_refund_claws_back_credits_whose_redis_sync_was_lost(
     purchase_id = f"cs_{uuid.uuid4().hex}"
     common = {"purchase_id": purchase_id, "user_id": user_id, "pack": "starter", "credits": 100}
     await ledger.create_user(user_id)
-    restore = lose_redis_syncs(runtime)
-    assert await ledger.apply_purchase(
-        PackPurchased(**common, unlocks_api=False, amount_cents=500, currency="usd")
-    )
-    restore()
+    with redis_syncs_lost(runtime.ledger.holds):
+        assert await ledger.apply_purchase(
+            PackPurchased(**common, unlocks_api=False, amount_cents=500, currency="usd")
+        )
     assert await ledger.live(user_id) == (10, 0)
     assert await ledger.apply_refund(PackRefunded(**common, amount_cents=500, currency="usd"))
     account = await ledger.account(user_id)
@@ -339,10 +312,9 @@ async def test_users_whose_sync_failed_wait_for_a_sweep_that_can_reach_redis(
     other = f"{user_id}-b"
     for user in (user_id, other):
         await ledger.create_user(user)
-    restore = lose_redis_syncs(runtime)
-    for user in (user_id, other):
-        assert await ledger.grant(user, 5, "paid by hand", "g-1")
-    restore()
+    with redis_syncs_lost(runtime.ledger.holds):
+        for user in (user_id, other):
+            assert await ledger.grant(user, 5, "paid by hand", "g-1")
     holds = ledger.holds
 
     async def unreachable(*args: Any, **kwargs: Any) -> Any:

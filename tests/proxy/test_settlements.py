@@ -5,6 +5,8 @@ delivered twice."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -19,6 +21,18 @@ from tests.proxy.conftest import Credits
 from tests.support.servers import serve_app
 
 INTERNAL = {"authorization": "Bearer dev-internal-token"}
+
+
+@contextlib.asynccontextmanager
+async def batcher_at(url: str, **options: Any) -> AsyncIterator[SettlementBatcher]:
+    """A batcher on its own credits client to `url`; closed (its queue sent) and disconnected after."""
+    client = CreditsClient(url, "dev-internal-token", 10)
+    batcher = SettlementBatcher(client, **options)
+    try:
+        yield batcher
+    finally:
+        await batcher.aclose()
+        await client.aclose()
 
 
 async def _holds(credits: Credits, user_id: str, n: int) -> list[str]:
@@ -59,14 +73,9 @@ async def test_many_settlements_share_calls_and_each_applies_once(credits: Credi
     ids = await _holds(credits, user_id, 40)
     seen: list[int] = []
     async with serve_app(_front(credits_url, [], seen)) as front:
-        client = CreditsClient(front, "dev-internal-token", 10)
-        batcher = SettlementBatcher(client, max_inflight=1)
-        try:
+        async with batcher_at(front, max_inflight=1) as batcher:
             futures = [batcher.submit(rid, 1 if i % 2 == 0 else 0) for i, rid in enumerate(ids)]
             results: list[dict[str, Any]] = await asyncio.gather(*futures)
-        finally:
-            await batcher.aclose()
-            await client.aclose()
     assert len(seen) < len(ids)  # submitted together: they shared calls
     assert [r["reservation_id"] for r in results] == ids
     assert [r.get("charged") for r in results] == [1 if i % 2 == 0 else None for i in range(40)]
@@ -82,15 +91,10 @@ async def test_credits_down_then_a_lost_answer_still_charges_exactly_once(
     seen: list[int] = []
     # Down twice (nothing forwarded), then applied at credits but the answer lost, then fine.
     async with serve_app(_front(credits_url, ["down", "down", "lost"], seen)) as front:
-        client = CreditsClient(front, "dev-internal-token", 10)
-        batcher = SettlementBatcher(client, retry_base_seconds=0.05)
-        try:
+        async with batcher_at(front, retry_base_seconds=0.05) as batcher:
             results = await asyncio.gather(
                 batcher.submit(ids[0], 1), batcher.submit(ids[1], 1), batcher.submit(ids[2], 0)
             )
-        finally:
-            await batcher.aclose()
-            await client.aclose()
     assert len(seen) == 4
     assert [r.get("charged") for r in results] == [1, 1, None]
     await credits.settled(user_id, 3, usage_total=2)
@@ -104,18 +108,13 @@ async def test_gives_up_after_bounded_retries_and_the_hold_stays_for_expiry(
     (rid,) = await _holds(credits, user_id, 1)
     seen: list[int] = []
     async with serve_app(_front(credits_url, ["down"] * 10, seen)) as front:
-        client = CreditsClient(front, "dev-internal-token", 10)
-        batcher = SettlementBatcher(client, max_attempts=3, retry_base_seconds=0.02)
-        try:
+        async with batcher_at(front, max_attempts=3, retry_base_seconds=0.02) as batcher:
             future = batcher.submit(rid, 1)
             try:
                 await future
                 raise AssertionError("settlement should have failed")
             except Exception as exc:
                 assert not isinstance(exc, AssertionError), exc
-        finally:
-            await batcher.aclose()
-            await client.aclose()
     assert len(seen) == 3
     account = await credits.account(user_id)
     # Nothing charged; the hold is still open and will expire back to the user at credits.
@@ -128,13 +127,8 @@ async def test_a_refused_item_fails_alone(credits: Credits, credits_url: str) ->
     a, b = await _holds(credits, user_id, 2)
     r = await credits.http.post(f"/v1/reservations/{a}/release", headers=INTERNAL)
     assert r.status_code == 200, r.text
-    client = CreditsClient(credits_url, "dev-internal-token", 10)
-    batcher = SettlementBatcher(client)
-    try:
+    async with batcher_at(credits_url) as batcher:
         refused, ok = await asyncio.gather(batcher.submit(a, 1), batcher.submit(b, 1), return_exceptions=True)
-    finally:
-        await batcher.aclose()
-        await client.aclose()
     assert isinstance(refused, DownstreamError) and refused.status_code == 409
     assert isinstance(ok, dict) and ok["charged"] == 1
     await credits.settled(user_id, 4, usage_total=1)
@@ -147,9 +141,7 @@ async def test_linger_gathers_settlements_and_urgent_ones_go_at_once(
     ids = await _holds(credits, user_id, 6)
     seen: list[int] = []
     async with serve_app(_front(credits_url, [], seen)) as front:
-        client = CreditsClient(front, "dev-internal-token", 10)
-        batcher = SettlementBatcher(client, linger_seconds=0.3)
-        try:
+        async with batcher_at(front, linger_seconds=0.3) as batcher:
             futures = []
             for rid in ids[:5]:  # one request after another, a few ms apart
                 futures.append(batcher.submit(rid, 1))
@@ -160,9 +152,6 @@ async def test_linger_gathers_settlements_and_urgent_ones_go_at_once(
             # Someone waits for this answer (a release before an error response): no lingering.
             released = await asyncio.wait_for(batcher.submit(ids[5], 0, urgent=True), timeout=5)
             assert released["refunded"] == 1 and len(seen) == 2
-        finally:
-            await batcher.aclose()
-            await client.aclose()
     await credits.settled(user_id, 5, usage_total=5)
 
 
@@ -170,16 +159,12 @@ async def test_closing_sends_what_is_still_queued(credits: Credits, credits_url:
     """A proxy shutting down still charges the requests it served: the lingering batch goes out."""
     user_id = await credits.user(5)
     ids = await _holds(credits, user_id, 2)
-    client = CreditsClient(credits_url, "dev-internal-token", 10)
-    batcher = SettlementBatcher(client, linger_seconds=60.0)
-    try:
+    async with batcher_at(credits_url, linger_seconds=60.0) as batcher:
         futures = [batcher.submit(ids[0], 1), batcher.submit(ids[1], 0)]
         await asyncio.sleep(0.05)
         assert not any(f.done() for f in futures)  # still lingering
         await batcher.aclose()
         assert [f.result().get("charged") for f in futures] == [1, None]
-    finally:
-        await client.aclose()
     await credits.settled(user_id, 4, usage_total=1)
 
 
@@ -190,20 +175,16 @@ async def test_closing_sends_a_commit_queued_when_its_record_is_answered(
     first is answered, and that happens while the batcher is closing. Both still reach credits."""
     user_id = await credits.user(5)
     first_id, second_id = await _holds(credits, user_id, 2)
-    client = CreditsClient(credits_url, "dev-internal-token", 10)
-    batcher = SettlementBatcher(client, linger_seconds=60.0)
+    async with batcher_at(credits_url, linger_seconds=60.0) as batcher:
 
-    async def then_commit() -> dict[str, Any]:
-        await batcher.submit(first_id, 1)
-        return await batcher.submit(second_id, 1)
+        async def then_commit() -> dict[str, Any]:
+            await batcher.submit(first_id, 1)
+            return await batcher.submit(second_id, 1)
 
-    try:
         follower = asyncio.ensure_future(then_commit())
         await asyncio.sleep(0.05)
         await batcher.aclose()
         assert (await asyncio.wait_for(follower, 5))["charged"] == 1
-    finally:
-        await client.aclose()
     await credits.settled(user_id, 3, usage_total=2)
 
 
@@ -214,16 +195,12 @@ async def test_closing_gives_up_on_a_send_past_its_time_and_fails_it(
     (rid,) = await _holds(credits, user_id, 1)
     seen: list[int] = []
     async with serve_app(_front(credits_url, ["slow"] * 5, seen)) as front:
-        client = CreditsClient(front, "dev-internal-token", 10)
-        batcher = SettlementBatcher(client)
-        try:
+        async with batcher_at(front) as batcher:
             future = batcher.submit(rid, 1)
             await asyncio.sleep(0.1)  # the send is waiting for the slow answer
             await batcher.aclose(timeout=0.2)
             assert future.done() and isinstance(future.exception(), Exception)
             late = batcher.submit(rid, 1)  # after closing: refused at once, never queued
             assert late.done() and isinstance(late.exception(), Exception)
-        finally:
-            await client.aclose()
     assert await credits.usage(user_id) == []
     assert (await credits.account(user_id))["credits_reserved"] == 1  # left to expire at credits
