@@ -29,7 +29,7 @@ class FakeStripeServer:
     url: str
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 async def fake_stripe() -> AsyncIterator[FakeStripeServer]:
     stripe = FakeStripe()
     async with serve_app(stripe.app()) as url:
@@ -49,7 +49,7 @@ def billing_on_fake_stripe(
     )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 async def billing(
     fake_stripe: FakeStripeServer,
     make_database_url: Callable[[str], str],

@@ -16,7 +16,7 @@ from tests.portal.stack import Stack, running_stack
 PAY_FORM = re.compile(r'<form method="post" action="([^"]+/pay)"')
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 async def client_stack(  # type: ignore[no-untyped-def]
     make_database_url, redis_url, rabbitmq_url, broker_namespace, tmp_path_factory
 ) -> AsyncIterator[Stack]:

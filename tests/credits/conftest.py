@@ -19,7 +19,7 @@ def credits_database_url(make_database_url: Callable[[str], str]) -> str:
     return make_database_url("credits")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 async def credits(
     credits_database_url: str, redis_url: str, broker_namespace: str
 ) -> AsyncIterator[CreditsService]:
@@ -29,7 +29,7 @@ async def credits(
         yield service
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 async def client(credits: CreditsService) -> AsyncIterator[httpx.AsyncClient]:
     limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
     async with httpx.AsyncClient(
@@ -38,7 +38,7 @@ async def client(credits: CreditsService) -> AsyncIterator[httpx.AsyncClient]:
         yield c
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 async def pg(credits: CreditsService, credits_database_url: str) -> AsyncIterator[asyncpg.Pool]:
     dsn = make_url(credits_database_url).set(drivername="postgresql").render_as_string(hide_password=False)
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
@@ -46,7 +46,7 @@ async def pg(credits: CreditsService, credits_database_url: str) -> AsyncIterato
     await pool.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def check(pg: asyncpg.Pool, credits: CreditsService) -> Checker:
     return Checker(pg, credits)
 

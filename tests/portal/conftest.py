@@ -40,7 +40,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(skip)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 async def stack(  # type: ignore[no-untyped-def]
     make_database_url, redis_url, rabbitmq_url, broker_namespace, tmp_path_factory
 ) -> AsyncIterator[Stack]:
@@ -55,7 +55,7 @@ async def stack(  # type: ignore[no-untyped-def]
         yield running
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 async def browser():  # type: ignore[no-untyped-def]
     from playwright.async_api import async_playwright
 

@@ -71,7 +71,7 @@ def standin() -> Iterator[StandinServer]:
         yield server
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 async def credits_url(make_database_url, redis_url, rabbitmq_url, broker_namespace) -> AsyncIterator[str]:  # type: ignore[no-untyped-def]
     async with running_credits(
         make_database_url("proxy_credits"), redis_url, rabbitmq_url, broker_namespace
@@ -79,7 +79,7 @@ async def credits_url(make_database_url, redis_url, rabbitmq_url, broker_namespa
         yield url
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 async def billing_url(make_database_url, rabbitmq_url, broker_namespace) -> AsyncIterator[str]:  # type: ignore[no-untyped-def]
     async with running_billing(
         database_url=make_database_url("proxy_billing"),
@@ -96,7 +96,7 @@ def pricing_file(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 async def proxy(  # type: ignore[no-untyped-def]
     credits_url, billing_url, standin, pricing_file, redis_url, rabbitmq_url, broker_namespace
 ) -> AsyncIterator[RunningProxy]:
@@ -195,7 +195,7 @@ class Credits:
             ) from None
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 async def credits(credits_url: str) -> AsyncIterator[Credits]:
     async with httpx.AsyncClient(base_url=credits_url, timeout=30) as http:
         yield Credits(http)
