@@ -1,6 +1,6 @@
-"""Validate payloads against OpenAI's own OpenAPI schemas (the subset kept in ``shared/specs``).
+"""Validate payloads against OpenAI's own OpenAPI schemas (the subset vendored in ``tests/specs``).
 
-The spec is run through ``shared/specs/normalize_openai_spec.py`` the way its docstring describes
+The spec is run through ``tests/specs/normalize_openai_spec.py`` the way its docstring describes
 (``nullable`` rewritten into null-accepting schemas, plus ``--allow-null-usage`` for stream chunks),
 then checked as JSON Schema 2020-12 with format checking, so a ``null`` where OpenAI never sends one
 fails, and so does a missing required field or a wrong type or enum value.
@@ -24,8 +24,8 @@ from jsonschema import Draft202012Validator, FormatChecker
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-# The shared specs live beside the repository (../shared), both in this checkout and in a clean clone.
-SPECS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "specs"
+# Vendored copies of the providers' published specs (see tests/specs/README.md).
+SPECS_DIR = Path(__file__).resolve().parent / "specs"
 SPEC_FILE = SPECS_DIR / "openai-openapi.subset.json"
 NORMALIZER_FILE = SPECS_DIR / "normalize_openai_spec.py"
 _SPEC_URI = "urn:openai:openapi"

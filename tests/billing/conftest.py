@@ -19,8 +19,8 @@ from tests.support.billing_service import RunningBilling, running_billing
 from tests.support.servers import REPO_ROOT, serve_app
 from tests.support.stripe_server import FakeStripe
 
-# Stripe's spec and fixtures live outside the repository, beside it (a clean clone has ../shared/specs).
-SPECS_DIR = Path(REPO_ROOT).parent / "shared" / "specs"
+# Stripe's published spec and fixtures, vendored in tests/specs (see its README.md).
+SPECS_DIR = Path(REPO_ROOT) / "tests" / "specs"
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Checks form parameters the SDK sent against Stripe's OpenAPI spec (../shared/specs, outside the repo).
+"""Checks form parameters the SDK sent against Stripe's OpenAPI spec (vendored in tests/specs).
 
 Form values arrive as strings, so types are checked by what the string must look like; unknown
 parameters, missing required ones, enum and maxLength violations are all reported.

@@ -12,7 +12,7 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[2]
 K8S_DIR = REPO_ROOT / "deploy" / "k8s"
 
-# CONTRACT.md section 2 (plus AUTO_MIGRATE from section 1): the only settings the services read.
+# The settings of docs/configuration.md: the only ones the services read.
 CONTRACT_ENV = frozenset(
     {
         "HOST",

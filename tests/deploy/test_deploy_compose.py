@@ -154,7 +154,7 @@ def test_environment_names_come_from_the_contract(
 ) -> None:
     for name in IMAGE_SERVICES:
         unknown = set(_env(_services(compose)[name])) - contract_env
-        assert not unknown, f"{name}: {sorted(unknown)} are not in CONTRACT.md section 2"
+        assert not unknown, f"{name}: {sorted(unknown)} are not settings of docs/configuration.md"
 
 
 @pytest.mark.parametrize("name", APP_SERVICES)
