@@ -67,7 +67,7 @@ class SettlementBatcher:
         self._send_now = asyncio.Event()  # cuts the linger short
         self._runner: asyncio.Task[None] | None = None
         self._sends: set[asyncio.Task[None]] = set()
-        self._retrying: dict[int, tuple[asyncio.TimerHandle, _Item]] = {}
+        self._retrying: dict[int, tuple[asyncio.TimerHandle, list[_Item]]] = {}
         self._closing = False
         self._closed = False
 
@@ -185,17 +185,23 @@ class SettlementBatcher:
 
     def _retry_or_fail(self, items: list[_Item]) -> None:
         loop = asyncio.get_running_loop()
+        # Items that failed together come back together, on one timer: a timer each let a busy
+        # event loop run the batcher between them and split the retry into several calls.
+        by_delay: dict[float, list[_Item]] = {}
         for item in items:
             item.attempts += 1
             if item.attempts >= self.max_attempts or self._closing:
                 _fail(item, ServiceUnavailable("The credits service is unavailable."))
                 continue
             delay = min(self.retry_base * 2 ** (item.attempts - 1), self.max_delay)
-            self._retrying[id(item)] = (loop.call_later(delay, self._requeue, item), item)
+            by_delay.setdefault(delay, []).append(item)
+        for delay, group in by_delay.items():
+            key = id(group)
+            self._retrying[key] = (loop.call_later(delay, self._requeue, key, group), group)
 
-    def _requeue(self, item: _Item) -> None:
-        self._retrying.pop(id(item), None)
-        self._pending.append(item)
+    def _requeue(self, key: int, items: list[_Item]) -> None:
+        self._retrying.pop(key, None)
+        self._pending.extend(items)
         self._wake.set()
 
     async def aclose(self, timeout: float = 5.0) -> None:
@@ -228,9 +234,9 @@ class SettlementBatcher:
             send.cancel()
         if self._sends:
             await asyncio.wait(set(self._sends))
-        for handle, item in self._retrying.values():
+        for handle, items in self._retrying.values():
             handle.cancel()
-            self._pending.append(item)
+            self._pending.extend(items)
         self._retrying.clear()
         self._closed = True
         for item in self._pending:

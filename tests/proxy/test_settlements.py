@@ -204,3 +204,34 @@ async def test_closing_gives_up_on_a_send_past_its_time_and_fails_it(
             assert late.done() and isinstance(late.exception(), Exception)
     assert await credits.usage(user_id) == []
     assert (await credits.account(user_id))["credits_reserved"] == 1  # left to expire at credits
+
+
+async def test_a_failed_batch_is_retried_as_one_while_the_event_loop_is_busy(
+    credits: Credits, credits_url: str
+) -> None:
+    """Other tasks on the loop (as in a full test run, or a busy proxy) must not split a retried batch:
+    items that failed together were requeued on a timer each, and the batcher sent whatever one timer
+    had requeued before the next one fired."""
+    done = asyncio.Event()
+
+    async def other_work() -> None:
+        while not done.is_set():  # noqa: ASYNC110 - the point is to keep the loop busy
+            await asyncio.sleep(0)
+
+    neighbour = asyncio.create_task(other_work())
+    try:
+        user_id = await credits.user(5)
+        ids = await _holds(credits, user_id, 3)
+        seen: list[int] = []
+        async with serve_app(_front(credits_url, ["down", "down", "lost"], seen)) as front:
+            async with batcher_at(front, retry_base_seconds=0.05) as batcher:
+                results = await asyncio.gather(
+                    batcher.submit(ids[0], 1), batcher.submit(ids[1], 1), batcher.submit(ids[2], 0)
+                )
+    finally:
+        done.set()
+        await neighbour
+    assert len(seen) == 4  # the first call and its three retries, each carrying all three items
+    assert [r.get("charged") for r in results] == [1, 1, None]
+    await credits.settled(user_id, 3, usage_total=2)
+    assert sorted(await credits.usage(user_id)) == [1, 1]
