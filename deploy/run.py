@@ -8,6 +8,7 @@ them all, gracefully first, so nothing is left behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -70,25 +71,47 @@ def _ready(child: Child, path: str) -> bool:
         return False
 
 
-def _stop(children: list[Child]) -> None:
-    running = [c for c in children if c.proc and c.proc.poll() is None]
-    for c in reversed(running):  # the gateway first, so it stops taking requests before its dependencies go
-        assert c.proc is not None
-        try:
-            os.killpg(c.proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + 25
-    for c in running:
-        assert c.proc is not None
-        try:
-            c.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(c.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+# Stopped in this order, each group within its time (then killed): the gateway first, while the services
+# it settles with (credits), forwards to (billing) and calls (the stand-in) still answer. Stopping them
+# all at once left the proxy waiting on a credits that was already gone.
+STOP_ORDER: tuple[tuple[tuple[str, ...], float], ...] = (
+    (("proxy",), 8.0),
+    (("billing", "credits", "upstream"), 5.0),
+)
+
+
+def _signal_group(child: Child, signum: int) -> None:
+    assert child.proc is not None
+    try:
+        os.killpg(child.proc.pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _stop(children: list[Child], hurry: threading.Event) -> None:
+    """Stops the children group by group (STOP_ORDER): SIGTERM, a bounded wait, then SIGKILL. A second
+    Ctrl-C (`hurry`) kills what is still running at once."""
+    by_name = {c.name: c for c in children}
+    for names, seconds in STOP_ORDER:
+        group = [by_name[n] for n in names if n in by_name and by_name[n].proc is not None]
+        for c in group:
+            _signal_group(c, signal.SIGTERM)
+        deadline = time.monotonic() + seconds
+        for c in group:
+            assert c.proc is not None
+            while c.proc.poll() is None and time.monotonic() < deadline and not hurry.is_set():
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    c.proc.wait(timeout=0.1)
+            if c.proc.poll() is None:
+                print(f"{c.name} did not stop within {seconds:g} s; killing it", file=sys.stderr, flush=True)
+            # Also whatever the child started and left in its group.
+            _signal_group(c, signal.SIGKILL)
             c.proc.wait()
+            print(f"stopped {c.name}", flush=True)
+
+
+def _database(url: str) -> dict[str, str]:
+    return {"DATABASE_URL": url} if url else {}
 
 
 def main() -> int:
@@ -96,20 +119,34 @@ def main() -> int:
     base_env.setdefault("LOG_JSON", "false")
     base_env.setdefault("HOST", "127.0.0.1")
     base_env.pop("PORT", None)
+    # Credits and billing each need their own database: one DATABASE_URL cannot serve both.
+    databases = {
+        "credits": base_env.pop("CREDITS_DATABASE_URL", ""),
+        "billing": base_env.pop("BILLING_DATABASE_URL", ""),
+    }
+    if base_env.pop("DATABASE_URL", ""):
+        print(
+            "DATABASE_URL is ignored by make run (credits and billing cannot share a database); "
+            "set CREDITS_DATABASE_URL and BILLING_DATABASE_URL instead",
+            file=sys.stderr,
+        )
     children: list[Child] = []
     if not base_env.get("OPENAI_API_KEY"):
         children.append(Child("upstream", "services.proxy.standin", 8010))
         base_env["OPENAI_BASE_URL"] = "http://127.0.0.1:8010/v1"
         base_env["OPENAI_API_KEY"] = "local-standin"
     children += [
-        Child("credits", "services.credits", 8002),
-        Child("billing", "services.billing", 8001),
+        Child("credits", "services.credits", 8002, _database(databases["credits"])),
+        Child("billing", "services.billing", 8001, _database(databases["billing"])),
         Child("proxy", "services.proxy", 8000),
     ]
 
     stopping = threading.Event()
+    hurry = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
+        if stopping.is_set():
+            hurry.set()  # a second Ctrl-C: no more waiting
         stopping.set()
 
     signal.signal(signal.SIGINT, on_signal)
@@ -160,7 +197,7 @@ def main() -> int:
         return 0
     finally:
         print("\nstopping…", flush=True)
-        _stop(children)
+        _stop(children, hurry)
 
 
 if __name__ == "__main__":

@@ -1,21 +1,28 @@
 """`make run` on this machine: the whole system comes up, sells a pack in test mode, serves a chat
-completion through the gateway, and Ctrl-C leaves no process behind."""
+completion through the gateway, and Ctrl-C leaves no process behind. The tests give it their own
+databases, Redis namespace and broker names, so they never write into what a developer's `make run` uses."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
 
+import asyncpg
 import httpx
 import openai
 import pytest
 
-from tests.conftest import REDIS_URL
+from shared.db import drop_database
+from tests.conftest import PG_BASE, REDIS_URL
 from tests.support.servers import REPO_ROOT
 
 PORTS = {"proxy": 8000, "billing": 8001, "credits": 8002, "upstream": 8010}
@@ -60,19 +67,69 @@ def ready(port: int) -> bool:
         return False
 
 
-def test_make_run_purchase_chat_and_clean_stop(tmp_path: Path, run_id: str) -> None:
+def own_databases(run_id: str, name: str) -> dict[str, str]:
+    """The settings that keep a test's `make run` out of the developer's databases, Redis and broker."""
+    return {
+        "CREDITS_DATABASE_URL": f"{PG_BASE}/cp_test_{name}_credits_{run_id}",
+        "BILLING_DATABASE_URL": f"{PG_BASE}/cp_test_{name}_billing_{run_id}",
+        "REDIS_URL": REDIS_URL,
+        "REDIS_NAMESPACE": f"test-{run_id}-{name}",
+        "BROKER_NAMESPACE": f"test-{run_id}-{name}",
+    }
+
+
+def drop_databases(settings: dict[str, str]) -> None:
+    for var in ("CREDITS_DATABASE_URL", "BILLING_DATABASE_URL"):
+        with contextlib.suppress(Exception):
+            asyncio.run(drop_database(settings[var]))
+
+
+def accounts_named(database: str, user_id: str) -> int:
+    """How many accounts `user_id` has in one database of this PostgreSQL (0 if there is no such database)."""
+
+    async def count() -> int:
+        dsn = PG_BASE.replace("postgresql+asyncpg://", "postgresql://") + "/" + database
+        try:
+            conn = await asyncpg.connect(dsn)
+        except asyncpg.InvalidCatalogNameError:
+            return 0
+        try:
+            return int(await conn.fetchval("SELECT count(*) FROM accounts WHERE user_id = $1", user_id))
+        except asyncpg.UndefinedTableError:
+            return 0
+        finally:
+            await conn.close()
+
+    return asyncio.run(count())
+
+
+def system_env(marker: str, settings: dict[str, str]) -> dict[str, str]:
+    env = {**os.environ, "CP_SYSTEM_TEST": marker, **settings}
+    for var in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "STRIPE_API_KEY", "DATABASE_URL", "PORT"):
+        env.pop(var, None)
+    return env
+
+
+def assert_ports_free() -> None:
     busy = [f"{name} :{port}" for name, port in PORTS.items() if port_in_use(port)]
     assert not busy, f"ports needed by make run are taken: {busy} (is another `make run` running?)"
 
+
+def assert_stopped_in_order(log: str) -> None:
+    """The gateway was gone before any service it depends on began to stop."""
+    assert "stopped proxy" in log, log[-3000:]
+    proxy_gone = log.index("stopped proxy")
+    for name in ("credits", "billing", "upstream"):
+        # uvicorn's first shutdown line, as make run prefixes it with the service's name.
+        begun = re.search(rf"^\s*{name} \| .*Shutting down", log, re.MULTILINE)
+        assert begun is None or begun.start() > proxy_gone, f"{name} began stopping before the proxy was gone"
+
+
+def test_make_run_purchase_chat_and_clean_stop(tmp_path: Path, run_id: str) -> None:
+    assert_ports_free()
     marker = uuid.uuid4().hex
-    env = {
-        **os.environ,
-        "CP_SYSTEM_TEST": marker,
-        "BROKER_NAMESPACE": f"test-{run_id}-makerun",
-        "REDIS_URL": REDIS_URL,
-    }
-    for var in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "STRIPE_API_KEY", "DATABASE_URL", "PORT"):
-        env.pop(var, None)
+    settings = own_databases(run_id, "makerun")
+    env = system_env(marker, settings)
     log_path = tmp_path / "make-run.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
@@ -133,6 +190,10 @@ def test_make_run_purchase_chat_and_clean_stop(tmp_path: Path, run_id: str) -> N
             "the chat to be charged",
         )
         assert processes_with_marker(marker), "the marker should find the running system"
+
+        # Everything landed in the test's own database, nothing in make run's default one.
+        assert accounts_named(settings["CREDITS_DATABASE_URL"].rsplit("/", 1)[1], user) == 1
+        assert accounts_named("credit_proxy_credits", user) == 0
     finally:
         # Ctrl-C in a terminal signals the whole foreground process group.
         if proc.poll() is None:
@@ -151,3 +212,86 @@ def test_make_run_purchase_chat_and_clean_stop(tmp_path: Path, run_id: str) -> N
     )
     assert [p for p in PORTS.values() if port_in_use(p)] == []
     assert "stopping" in log_path.read_text()
+    assert_stopped_in_order(log_path.read_text())
+    drop_databases(settings)
+
+
+def test_ctrl_c_stops_the_gateway_first_and_leaves_nothing_within_seconds(
+    tmp_path: Path, run_id: str
+) -> None:
+    """Ctrl-C of deploy/run.py, three times over, each right after a served request whose settlement is
+    still queued in the proxy: every process is gone within a few seconds, the proxy went first (so
+    its last settlement still reached credits), and the request was charged exactly once."""
+    assert_ports_free()
+    settings = own_databases(run_id, "ctrlc")
+    try:
+        for attempt in range(3):
+            marker = uuid.uuid4().hex
+            # Settlements linger long enough that Ctrl-C finds one queued.
+            env = {**system_env(marker, settings), "SETTLE_LINGER_MS": "1000"}
+            log_path = tmp_path / f"run-{attempt}.log"
+            with log_path.open("wb") as log:
+                proc = subprocess.Popen(
+                    [sys.executable, "deploy/run.py"],
+                    cwd=REPO_ROOT,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            try:
+                wait_until(
+                    lambda proc=proc, log_path=log_path: (
+                        proc.poll() is None and "Ctrl-C stops everything" in log_path.read_text()
+                    ),
+                    150,
+                    "make run to be ready",
+                )
+                user = f"ctrlc-{attempt}-{uuid.uuid4().hex[:6]}"
+                as_user = {**INTERNAL, "X-User-Id": user}
+                gateway = "http://127.0.0.1:8000"
+                assert httpx.get(f"{gateway}/v1/account", headers=as_user).json()["credits_remaining"] == 10
+                chat = httpx.post(
+                    f"{gateway}/v1/chat/completions",
+                    json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+                    headers=as_user,
+                    timeout=30,
+                )
+                assert chat.status_code == 200 and chat.headers["x-credits-charged"] == "1", chat.text
+            finally:
+                # Ctrl-C in a terminal signals the foreground process group: run.py's.
+                stopped_at = time.monotonic()
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGINT)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+            while processes_with_marker(marker) and time.monotonic() - stopped_at < 30:
+                time.sleep(0.1)
+            took = time.monotonic() - stopped_at
+            text = log_path.read_text()
+            assert processes_with_marker(marker) == [], "left behind after Ctrl-C:\n" + text[-3000:]
+            assert took < 8, f"attempt {attempt}: stopping took {took:.1f} s\n" + text[-3000:]
+            assert [p for p in PORTS.values() if port_in_use(p)] == []
+            assert_stopped_in_order(text)
+            # The settlement queued at Ctrl-C reached credits before it stopped: charged exactly once.
+            usage = credits_usage(settings["CREDITS_DATABASE_URL"].rsplit("/", 1)[1], user)
+            assert usage == [-1], text[-3000:]
+    finally:
+        drop_databases(settings)
+
+
+def credits_usage(database: str, user_id: str) -> list[int]:
+    async def amounts() -> list[int]:
+        dsn = PG_BASE.replace("postgresql+asyncpg://", "postgresql://") + "/" + database
+        conn = await asyncpg.connect(dsn)
+        try:
+            rows = await conn.fetch(
+                "SELECT amount FROM ledger_entries WHERE user_id = $1 AND type = 'usage'", user_id
+            )
+            return [int(r["amount"]) for r in rows]
+        finally:
+            await conn.close()
+
+    return asyncio.run(amounts())
