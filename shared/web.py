@@ -179,7 +179,9 @@ class ServiceApp(FastAPI):
 
 
 class BodyLimitMiddleware:
-    """Refuses bodies over the limit with 413 without reading past it (CONTRACT §2 MAX_BODY_BYTES)."""
+    """Refuses what no route may see: bodies over the limit with 413 without reading past it
+    (CONTRACT §2 MAX_BODY_BYTES), and a NUL character in the path or query (`%00`), which would
+    reach PostgreSQL as a path parameter or query value and fail there, with 400."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -188,6 +190,12 @@ class BodyLimitMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if "\x00" in scope["path"] or b"%00" in scope["query_string"]:
+            response = error_response(
+                400, "invalid_request", "The URL must not contain NUL characters (%00)."
+            )
+            await response(scope, receive, send)
             return
         for name, value in scope["headers"]:
             if name == b"content-length":

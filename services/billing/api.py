@@ -7,14 +7,14 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from services.billing.runtime import BillingRuntime
 from services.billing.store import BillingStore
 from services.billing.stripe_gateway import InvalidSignature, sign_webhook
 from services.billing.testmode import checkout_page, checkout_session_object, event_envelope
 from shared.auth import internal_only
-from shared.bodies import json_body
+from shared.bodies import RequestBody, json_body
 from shared.errors import InvalidRequest, NotFound
 from shared.responses import JsonResponse
 
@@ -30,9 +30,7 @@ def runtime(request: Request) -> BillingRuntime:
 Runtime = Annotated[BillingRuntime, Depends(runtime)]
 
 
-class CheckoutBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class CheckoutBody(RequestBody):
     user_id: str = Field(min_length=1, max_length=200)
     pack: str = Field(min_length=1, max_length=100)
     success_url: str | None = Field(default=None, max_length=2000)

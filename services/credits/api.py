@@ -7,13 +7,13 @@ import uuid
 from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Header, Query, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, Field, StrictInt, StrictStr, ValidationError
 
 from services.credits.apikeys import ApiKeys
 from services.credits.ledger import HoldToRecord, Ledger, ReserveResult, SettleResult, valid_user_id
 from services.credits.store import Reservation
 from shared.auth import admin_only, bearer_token, internal_only, token_matches
-from shared.bodies import json_body, optional_json_body
+from shared.bodies import RequestBody, json_body, optional_json_body
 from shared.errors import AppError, InvalidRequest, Unauthorized
 from shared.responses import JsonResponse
 from shared.web import TemplateRoute
@@ -23,8 +23,8 @@ MAX_CREDITS = 10**12
 Credits = Annotated[StrictInt, Field(gt=0, le=MAX_CREDITS)]
 
 
-class Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class Body(RequestBody):
+    pass
 
 
 BodyT = TypeVar("BodyT", bound=BaseModel)
