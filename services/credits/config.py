@@ -4,17 +4,14 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from shared.settings import DatabaseSettings
+from shared.settings import DatabaseSettings, RedisSettings
 
 
-class CreditsSettings(DatabaseSettings):
+class CreditsSettings(DatabaseSettings, RedisSettings):
     service_name: ClassVar[str] = "credits"
     default_port: ClassVar[int] = 8002
     secret_fields: ClassVar[tuple[str, ...]] = ("internal_token", "admin_token")
 
-    redis_url: str = "redis://localhost:6379/0"
-    # First part of every Redis key ("credits:{<user_id>}:acct"); lets two deployments share one Redis.
-    redis_namespace: str = "credits"
     signup_credits: int = 10
     reservation_ttl_seconds: int = 600
     # Longest TTL a caller may ask for (seconds).
