@@ -100,9 +100,15 @@ def redis_client(
 
 
 async def probe(client: AnyRedis, namespace: str) -> None:
-    """Readiness: a SET and GET of a short-lived key under `namespace`. A client of the wrong kind
-    (single-node against a cluster: MOVED; a node that does not serve the slot) fails here, which a
-    PING would not show."""
+    """Readiness: a SET and GET of a short-lived key under `namespace`, which fails where a PING
+    would not: a cluster that is down or does not cover the key's slot, a single-node client
+    against a cluster node (also checked outright: its keys elsewhere would answer MOVED)."""
+    if not isinstance(client, RedisCluster):
+        # A single-node client works against a cluster node only for the slots that node serves:
+        # say so whatever slot the key below happens to hash to.
+        info = await client.info("cluster")
+        if info.get("cluster_enabled"):
+            raise RuntimeError("REDIS_URL names a Redis Cluster node but REDIS_CLUSTER is not true")
     token = secrets.token_hex(8)
     key = f"{namespace}:readyz:{token}"
     await client.set(key, token, px=10_000)

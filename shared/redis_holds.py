@@ -48,6 +48,10 @@ class LuaScript:
     registered script, a second round trip each time). Only idempotent scripts may be pipelined:
     after a NOSCRIPT the whole pipeline runs again, and a Redis whose scripts were flushed part-way
     through (or a Cluster node that lost them) could have run some calls already.
+
+    On Redis Cluster (`shared.redis_client`) EVALSHA is routed by the slot of its keys (every call
+    names one user's keys, one slot); a pipeline is split by node and sent to the nodes concurrently,
+    and SCRIPT LOAD goes to every master, so a NOSCRIPT on any node is mended the same way.
     """
 
     def __init__(self, name: str, *, idempotent: bool = False) -> None:
