@@ -57,6 +57,16 @@ class SharedSettings(BaseSettings):
 class DatabaseSettings(SharedSettings):
     database_url: str = ""
     auto_migrate: bool = True
+    # PostgreSQL connections per process: a pool of DB_POOL_SIZE kept open plus up to DB_MAX_OVERFLOW
+    # more under load (credits adds its hot-path pool, DB_HOT_POOL_SIZE). Budget for N replicas in
+    # docs/scaling.md; past the pool a caller waits for a connection, it does not open one.
+    db_pool_size: int = Field(default=5, ge=1)
+    db_max_overflow: int = Field(default=2, ge=0)
+    # DATABASE_URL is PgBouncer in transaction mode: no prepared-statement caches (a cached statement
+    # belongs to one server connection, and the next transaction may run on another). Migrations
+    # take a session-level advisory lock, so they must reach PostgreSQL directly (AUTO_MIGRATE=0 on
+    # pooled replicas; see docs/scaling.md).
+    db_pgbouncer: bool = False
 
     @model_validator(mode="after")
     def _default_database(self) -> DatabaseSettings:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from pydantic import Field
+
 from shared.settings import DatabaseSettings, RedisSettings
 
 
@@ -25,7 +27,8 @@ class CreditsSettings(DatabaseSettings, RedisSettings):
     deadline_shards: int = 16
     # Largest group of holds persisted in one PostgreSQL transaction.
     hold_batch_max: int = 512
-    db_pool_size: int = 20
+    # The hot path's raw asyncpg pool (hold batches, commits, releases), beside DB_POOL_SIZE.
+    db_hot_pool_size: int = Field(default=8, ge=1)
     consumer_prefetch: int = 16
     # Run the background sweeper and outbox relay (tests may turn them off and drive them by hand).
     run_background_tasks: bool = True
