@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 from alembic import command
 from alembic.config import Config
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+
+from shared.settings import DatabaseSettings
 
 log = logging.getLogger("shared.db")
 
@@ -49,8 +53,41 @@ async def drop_database(url: str) -> None:
         await conn.close()
 
 
-def create_engine(url: str, pool_size: int = 10) -> AsyncEngine:
-    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+def create_engine(
+    url: str, pool_size: int = 5, max_overflow: int = 2, *, pgbouncer: bool = False
+) -> AsyncEngine:
+    """The SQLAlchemy engine: at most `pool_size + max_overflow` connections, callers past them wait."""
+    connect_args: dict[str, Any] = {}
+    if pgbouncer:
+        # Behind PgBouncer in transaction mode (SQLAlchemy's asyncpg dialect notes): no statement
+        # cache, and unique names so two clients' prepared statements never meet on one server connection.
+        connect_args = {
+            "prepared_statement_cache_size": 0,
+            "statement_cache_size": 0,
+            "prepared_statement_name_func": lambda: f"__asyncpg_{uuid.uuid4()}__",
+        }
+    return create_async_engine(
+        url, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True, connect_args=connect_args
+    )
+
+
+def engine_for(settings: DatabaseSettings) -> AsyncEngine:
+    return create_engine(
+        settings.database_url,
+        settings.db_pool_size,
+        settings.db_max_overflow,
+        pgbouncer=settings.db_pgbouncer,
+    )
+
+
+async def create_hot_pool(settings: DatabaseSettings, size: int) -> asyncpg.Pool:
+    """A raw asyncpg pool of at most `size` connections (credits' hot path)."""
+    return await asyncpg.create_pool(
+        _asyncpg_dsn(settings.database_url),
+        min_size=min(2, size),
+        max_size=size,
+        statement_cache_size=0 if settings.db_pgbouncer else 100,
+    )
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker:  # type: ignore[type-arg]

@@ -24,8 +24,10 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
+
+from shared.redis_client import AnyRedis, redis_client
+from shared.settings import RedisSettings
 
 log = logging.getLogger("shared.redis_holds")
 
@@ -46,6 +48,10 @@ class LuaScript:
     registered script, a second round trip each time). Only idempotent scripts may be pipelined:
     after a NOSCRIPT the whole pipeline runs again, and a Redis whose scripts were flushed part-way
     through (or a Cluster node that lost them) could have run some calls already.
+
+    On Redis Cluster (`shared.redis_client`) EVALSHA is routed by the slot of its keys (every call
+    names one user's keys, one slot); a pipeline is split by node and sent to the nodes concurrently,
+    and SCRIPT LOAD goes to every master, so a NOSCRIPT on any node is mended the same way.
     """
 
     def __init__(self, name: str, *, idempotent: bool = False) -> None:
@@ -54,16 +60,14 @@ class LuaScript:
         self.source = credits_script(name)
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
-    async def __call__(self, client: aioredis.Redis[Any], keys: Sequence[str], args: Sequence[Any]) -> Any:
+    async def __call__(self, client: AnyRedis, keys: Sequence[str], args: Sequence[Any]) -> Any:
         try:
             return await client.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
         except NoScriptError:
             await client.script_load(self.source)  # type: ignore[no-untyped-call]
             return await client.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
 
-    async def many(
-        self, client: aioredis.Redis[Any], calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
-    ) -> list[Any]:
+    async def many(self, client: AnyRedis, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]) -> list[Any]:
         """Runs the script once per (keys, args), all in one pipelined round trip; answers in order."""
         if not self.idempotent:
             raise TypeError(f"{self.name} is not idempotent: it must not be pipelined with retries")
@@ -83,9 +87,23 @@ class LuaScript:
         raise AssertionError("unreachable")
 
 
+def user_tag(user_id: str) -> str:
+    """The hash tag of every key of one user: 16 hex digits of a digest of the id. Never the id itself:
+    Redis Cluster hashes only what lies between the first `{` and the next `}`, so an id containing
+    braces (`}`, `{`, `}{`) would cut the tag short and scatter the user's keys over several slots."""
+    return hashlib.blake2b(user_id.encode(), digest_size=8).hexdigest()
+
+
+def user_key(namespace: str, user_id: str, kind: str) -> str:
+    """`<namespace>:{<user_tag>}:<kind>:<user_id>`: the tag picks the slot, the id (after it, where
+    braces no longer matter) keeps the key unique and readable; `kind` is "acct", "deadlines", or
+    another per-user structure that must share the user's slot."""
+    return f"{namespace}:{{{user_tag(user_id)}}}:{kind}:{user_id}"
+
+
 def user_keys(namespace: str, user_id: str) -> list[str]:
-    """A user's account hash and deadline set; the hash tag keeps both in one Cluster slot."""
-    return [f"{namespace}:{{{user_id}}}:acct", f"{namespace}:{{{user_id}}}:deadlines"]
+    """A user's account hash and deadline set (KEYS of every credits script), in one Cluster slot."""
+    return [user_key(namespace, user_id, "acct"), user_key(namespace, user_id, "deadlines")]
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +133,7 @@ class RedisHolds:
 
     def __init__(
         self,
-        client: aioredis.Redis[Any],
+        client: AnyRedis,
         *,
         namespace: str = DEFAULT_NAMESPACE,
         ttl_seconds: int = 600,
@@ -134,18 +152,24 @@ class RedisHolds:
         self.answer_timeout_seconds = 3.0
 
     @classmethod
-    def from_url(cls, url: str, *, max_connections: int = 64, **kwargs: Any) -> RedisHolds:
+    def from_settings(
+        cls, settings: RedisSettings, *, max_connections: int = 64, **kwargs: Any
+    ) -> RedisHolds:
+        """Holds in the Redis (single node or Cluster) and key namespace `settings` name."""
         # A blocking pool: a burst waits (up to a second) for one of a few connections rather than
         # opening hundreds; then the credits service takes over. A Redis that cannot be reached
         # costs at most the connect timeout (which also covers the handshake); `place` bounds the rest.
         # No socket timeout: `place` bounds each whole call (a cancelled call drops its connection),
         # and redis-py runs every send under a timeout of its own as a separate task, which showed
         # in the proxy's profile.
-        pool: aioredis.BlockingConnectionPool[Any] = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=max_connections, timeout=1.0, socket_connect_timeout=2.0, socket_timeout=None
+        client = redis_client(
+            settings,
+            max_connections=max_connections,
+            pool_timeout=1.0,
+            socket_connect_timeout=2.0,
+            socket_timeout=None,
         )
-        client = aioredis.Redis.from_pool(pool)  # type: ignore[attr-defined]  # stubs predate redis-py 5
-        return cls(client, **kwargs)
+        return cls(client, namespace=settings.redis_namespace, **kwargs)
 
     async def place(self, user_id: str, amount: int) -> PlacedHold | None:
         """Holds `amount` of the user's credits, or None when the credits service must decide."""

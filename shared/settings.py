@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_SECRETS: dict[str, str] = {
@@ -57,6 +57,16 @@ class SharedSettings(BaseSettings):
 class DatabaseSettings(SharedSettings):
     database_url: str = ""
     auto_migrate: bool = True
+    # PostgreSQL connections per process: a pool of DB_POOL_SIZE kept open plus up to DB_MAX_OVERFLOW
+    # more under load (credits adds its hot-path pool, DB_HOT_POOL_SIZE). Budget for N replicas in
+    # docs/scaling.md; past the pool a caller waits for a connection, it does not open one.
+    db_pool_size: int = Field(default=5, ge=1)
+    db_max_overflow: int = Field(default=2, ge=0)
+    # DATABASE_URL is PgBouncer in transaction mode: no prepared-statement caches (a cached statement
+    # belongs to one server connection, and the next transaction may run on another). Migrations
+    # take a session-level advisory lock, so they must reach PostgreSQL directly (AUTO_MIGRATE=0 on
+    # pooled replicas; see docs/scaling.md).
+    db_pgbouncer: bool = False
 
     @model_validator(mode="after")
     def _default_database(self) -> DatabaseSettings:
@@ -65,3 +75,26 @@ class DatabaseSettings(SharedSettings):
                 f"postgresql+asyncpg://postgres@localhost:5432/credit_proxy_{self.service_name}"
             )
         return self
+
+
+class RedisSettings(BaseSettings):
+    """Redis as the credits service and the proxy reach it (CONTRACT §2)."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
+
+    redis_url: str = "redis://localhost:6379/0"
+    # REDIS_URL names any one node of a Redis Cluster (DB 0); the client finds the others.
+    redis_cluster: bool = False
+    # First part of every Redis key; lets two deployments (or test runs) share one Redis.
+    redis_namespace: str = "credits"
+    # Connections per Redis node per client; past them a command waits (up to the timeout) for one.
+    redis_max_connections: int = Field(default=200, ge=1)
+    redis_pool_timeout_seconds: float = Field(default=5.0, gt=0)
+
+    @field_validator("redis_namespace")
+    @classmethod
+    def _no_braces(cls, value: str) -> str:
+        # A brace would become the hash tag of every key and put them all in one Cluster slot.
+        if "{" in value or "}" in value:
+            raise ValueError("REDIS_NAMESPACE must not contain '{' or '}'")
+        return value

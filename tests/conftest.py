@@ -7,7 +7,7 @@ import asyncio
 import os
 import random
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import aio_pika
 import pytest
@@ -15,7 +15,10 @@ import redis.asyncio as aioredis
 
 from shared.broker import Topology
 from shared.db import drop_database
+from shared.redis_client import redis_client as make_redis_client
+from shared.settings import RedisSettings
 from tests.support.broker import delete_namespace
+from tests.support.redis_cluster import local_cluster
 
 RUN_ID = uuid.uuid4().hex[:10]
 PG_BASE = os.environ.get("TEST_PG_BASE", "postgresql+asyncpg://postgres@127.0.0.1:5432")
@@ -45,8 +48,49 @@ def rabbitmq_url() -> str:
     return RABBITMQ_URL
 
 
+# `@pytest.mark.both_redis` runs a test (and the package's services it uses) twice: against the single
+# Redis node and against a local 3-master Redis Cluster started for the session (tests/support/redis_cluster.py).
+# TEST_REDIS_CLUSTER=0 runs them on the single node only (a machine without redis-server).
+CLUSTER_TESTS = os.environ.get("TEST_REDIS_CLUSTER", "1") != "0"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "both_redis: run on a single Redis node and on a local 3-master Redis Cluster"
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # Every test that reaches Redis gets the mode as a package-scoped parameter, so the package's
+    # services (built on `redis_url`) are shared by the tests of one mode and started once per mode.
+    if "redis_mode" in metafunc.fixturenames:
+        both = metafunc.definition.get_closest_marker("both_redis") is not None and CLUSTER_TESTS
+        modes = ["single", "cluster"] if both else ["single"]
+        metafunc.parametrize("redis_mode", modes, indirect=True, scope="package")
+
+
 @pytest.fixture(scope="session")
-def redis_url() -> str:
+def redis_cluster_url() -> Iterator[str]:
+    """A local 3-master Redis Cluster for the session, started on first use."""
+    with local_cluster() as url:
+        yield url
+
+
+@pytest.fixture(scope="package")
+def redis_mode(request: pytest.FixtureRequest) -> str:
+    return str(getattr(request, "param", "single"))
+
+
+@pytest.fixture(scope="package")
+def redis_cluster(redis_mode: str) -> bool:
+    """REDIS_CLUSTER for the services of this test: True with `redis_url` naming a cluster node."""
+    return redis_mode == "cluster"
+
+
+@pytest.fixture(scope="package")
+def redis_url(redis_mode: str, request: pytest.FixtureRequest) -> str:
+    if redis_mode == "cluster":
+        return str(request.getfixturevalue("redis_cluster_url"))
     return REDIS_URL
 
 
@@ -83,13 +127,19 @@ async def _cleanup_broker_namespace() -> AsyncIterator[None]:
     await delete_namespace(RABBITMQ_URL, f"test-{RUN_ID}")
 
 
-@pytest.fixture(scope="session")
-async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(redis_url)
+@pytest.fixture(scope="package")
+async def redis_client(redis_url: str, redis_cluster: bool) -> AsyncIterator[aioredis.Redis]:
+    """A client of the test's Redis (a cluster client in cluster mode; `flushdb` then empties every master)."""
+    client = redis_client_for(redis_url, redis_cluster)
     await client.flushdb()
     yield client
     await client.flushdb()
     await client.aclose()
+
+
+def redis_client_for(redis_url: str, cluster: bool) -> aioredis.Redis:
+    """A client of the kind the services build (`shared.redis_client`), for tests' own use."""
+    return make_redis_client(RedisSettings(redis_url=redis_url, redis_cluster=cluster))
 
 
 async def eventually(check: Callable[[], object], timeout: float = 10.0, interval: float = 0.05) -> object:

@@ -18,7 +18,7 @@ from services.billing.runtime import BillingRuntime
 from services.billing.stripe_gateway import StripeGateway
 from services.billing.webhooks import WebhookReceiver
 from shared.broker import Topology
-from shared.db import create_engine, migrate
+from shared.db import engine_for, migrate
 from shared.outbox import OutboxRelay
 from shared.web import create_service_app
 
@@ -55,7 +55,7 @@ def create_app(settings: BillingSettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.auto_migrate:
             await migrate(settings.database_url, MIGRATIONS_DIR)
-        engine = create_engine(settings.database_url)
+        engine = engine_for(settings)
         relay = build_relay(settings, engine)
         gateway = stripe_gateway(settings)
         checkout_gateway: CheckoutGateway = (

@@ -11,13 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import redis.asyncio as aioredis
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 from fastapi import FastAPI, Request
 from redis.exceptions import RedisError
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.credits.api import admin, hot_routes, internal
 from services.credits.apikeys import ApiKeys
@@ -28,8 +27,9 @@ from services.credits.ledger import Clock, Ledger, utcnow
 from services.credits.outbox import OutboxRelay
 from services.credits.sweeper import Sweeper
 from shared.broker import Publisher, Topology, connect, consume
-from shared.db import ensure_database, migrate
+from shared.db import create_hot_pool, engine_for, ensure_database, migrate
 from shared.errors import ServiceUnavailable, error_response
+from shared.redis_client import AnyRedis, redis_client
 from shared.responses import JsonResponse
 from shared.web import create_service_app
 
@@ -49,7 +49,7 @@ class Runtime:
     settings: CreditsSettings
     engine: AsyncEngine
     pool: asyncpg.Pool
-    redis: aioredis.Redis[Any]
+    redis: AnyRedis
     ledger: Ledger
     api_keys: ApiKeys
     sweeper: Sweeper
@@ -69,19 +69,12 @@ class Runtime:
             await ensure_database(settings.database_url)
         # A fixed pool (little overflow): opening and closing overflow connections under load costs
         # more than waiting briefly for a pooled one.
-        engine = create_async_engine(
-            settings.database_url, pool_size=settings.db_pool_size, max_overflow=4, pool_pre_ping=True
-        )
+        engine = engine_for(settings)
         # The hot path (hold batches, commit, release) calls server-side functions over raw asyncpg.
-        pool = await asyncpg.create_pool(
-            asyncpg_dsn(settings.database_url), min_size=2, max_size=settings.db_pool_size
-        )
-        # A blocking pool: past 200 commands in flight a caller waits for a connection (up to 5 s)
-        # instead of failing with MaxConnectionsError, so a burst queues rather than 503s.
-        # from_pool: closing the client closes the pool (the stubs predate redis-py 5).
-        redis: aioredis.Redis[Any] = aioredis.Redis.from_pool(  # type: ignore[attr-defined]
-            aioredis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=200, timeout=5)
-        )
+        pool = await create_hot_pool(settings, settings.db_hot_pool_size)
+        # Past REDIS_MAX_CONNECTIONS commands in flight a caller waits for a connection (up to
+        # REDIS_POOL_TIMEOUT_SECONDS) instead of failing, so a burst queues rather than 503s.
+        redis = redis_client(settings)
         holds = Holds(
             redis,
             settings.deadline_shards,
@@ -179,7 +172,7 @@ def create_app(settings: CreditsSettings, *, clock: Clock = utcnow) -> FastAPI:
                 await conn.execute(text("SELECT 1"))
 
         async def redis() -> None:
-            await runtime.redis.ping()
+            await runtime.ledger.holds.probe()
 
         async def broker() -> None:
             if runtime.connection is None or runtime.connection.is_closed:

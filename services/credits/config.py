@@ -4,17 +4,16 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from shared.settings import DatabaseSettings
+from pydantic import Field
+
+from shared.settings import DatabaseSettings, RedisSettings
 
 
-class CreditsSettings(DatabaseSettings):
+class CreditsSettings(DatabaseSettings, RedisSettings):
     service_name: ClassVar[str] = "credits"
     default_port: ClassVar[int] = 8002
     secret_fields: ClassVar[tuple[str, ...]] = ("internal_token", "admin_token")
 
-    redis_url: str = "redis://localhost:6379/0"
-    # First part of every Redis key ("credits:{<user_id>}:acct"); lets two deployments share one Redis.
-    redis_namespace: str = "credits"
     signup_credits: int = 10
     reservation_ttl_seconds: int = 600
     # Longest TTL a caller may ask for (seconds).
@@ -28,7 +27,8 @@ class CreditsSettings(DatabaseSettings):
     deadline_shards: int = 16
     # Largest group of holds persisted in one PostgreSQL transaction.
     hold_batch_max: int = 512
-    db_pool_size: int = 20
+    # The hot path's raw asyncpg pool (hold batches, commits, releases), beside DB_POOL_SIZE.
+    db_hot_pool_size: int = Field(default=8, ge=1)
     consumer_prefetch: int = 16
     # Run the background sweeper and outbox relay (tests may turn them off and drive them by hand).
     run_background_tasks: bool = True

@@ -1,26 +1,29 @@
 """Redis adapter: the live balance and open holds of each user, changed only through the Lua scripts.
 
-Keys (every key of a user carries the hash tag `{<user_id>}`, so each script touches one slot and runs
-unchanged on Redis Cluster):
+Keys (every key of a user carries the hash tag `{<tag>}`, `tag` = 16 hex digits of a digest of the user
+id (`shared.redis_holds.user_tag`), so each script touches one slot and runs unchanged on Redis Cluster
+whatever characters the id holds; the id itself follows the kind, where braces no longer count):
 
-- `credits:{<user_id>}:acct` — one hash per user: `b` balance (= PostgreSQL ledger sum at version `v`),
+- `credits:{<tag>}:acct:<user_id>` — one hash per user: `b` balance (= PostgreSQL ledger sum at version `v`),
   `d` credits held, `v` account version, `e` load epoch (= accounts.redis_epoch), `h:<reservation_id>`
   held credits, `i:<idempotency_key>` reservation id, `k:<reservation_id>` its idempotency key. Its
   presence is the "loaded" marker: a missing hash is never read as zero; it means "rebuild from PostgreSQL".
-- `credits:{<user_id>}:deadlines` — the user's open holds scored by deadline (ms). A hold still there
+- `credits:{<tag>}:deadlines:<user_id>` — the user's open holds scored by deadline (ms). A hold still there
   past deadline + grace missed its end (its process died before persisting it, or after a commit or
   release but before the sync here, leaving the balance stale too): a script that meets one drops
   the user's keys, and the account is rebuilt from PostgreSQL.
 - `credits:deadlines:{<n>}` — sharded sorted sets (score = deadline, member = `user_id<US>reservation_id`)
-  of persisted holds, written once per group commit; the sweeper walks them after the deadline to bring
-  Redis back in line with PostgreSQL where a post-commit sync was lost (e.g. the process died after a
-  PostgreSQL commit). Several shards so that no single key (or Cluster slot) takes every write.
+  of persisted holds, written once per group commit; the sweeper walks every shard after the deadline
+  to bring Redis back in line with PostgreSQL where a post-commit sync was lost (e.g. the process died
+  after a PostgreSQL commit). Each shard is its own hash tag (slot), so on Redis Cluster the index is
+  spread over the nodes and no single key takes every write; every command on it names one shard.
   Entries leave at their deadline (not at commit, which would cost a command per commit), so the index
   holds about reserve rate x TTL members.
 
-Every script touches only the two keys of one user (one hash slot). The client here is a standalone
-`redis.asyncio.Redis`; on Redis Cluster the same keys and scripts run with `RedisCluster`, whose
-non-transactional pipelines (used for the index and `confirm`) split by slot.
+Every script touches only the two keys of one user (one hash slot). The client is a standalone
+`redis.asyncio.Redis` or, with REDIS_CLUSTER=true, `shared.redis_client.BoundedRedisCluster`
+(`shared.redis_client.redis_client` picks); cluster pipelines (the index, `apply_many`, `confirm`)
+split the commands by node and route each EVALSHA by its keys' slot.
 """
 
 from __future__ import annotations
@@ -30,8 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
-
+from shared.redis_client import AnyRedis, probe
 from shared.redis_holds import LuaScript, user_keys
 
 SEPARATOR = "\x1f"  # user ids never contain control characters
@@ -66,7 +68,7 @@ def _s(value: Any) -> str:
 class Holds:
     def __init__(
         self,
-        client: aioredis.Redis[Any],
+        client: AnyRedis,
         deadline_shards: int = 16,
         namespace: str = "credits",
         grace_ms: int = 5000,
@@ -227,5 +229,6 @@ class Holds:
         if members:
             await self.client.zrem(self.deadline_key(shard), *members)
 
-    async def ping(self) -> None:
-        await self.client.ping()
+    async def probe(self) -> None:
+        """A real key operation (see `shared.redis_client.probe`), for readiness."""
+        await probe(self.client, self.namespace)

@@ -5,16 +5,17 @@ what it can."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis.asyncio as aioredis
 from fastapi import FastAPI
 from starlette.staticfiles import StaticFiles
 
 from shared.broker import Topology, connect
+from shared.redis_client import probe, redis_client
 from shared.redis_holds import RedisHolds
 from shared.web import create_service_app
 
@@ -55,11 +56,7 @@ class Proxy:
         )
         redis_holds = None
         if settings.holds_in_redis:
-            redis_holds = RedisHolds.from_url(
-                settings.redis_url,
-                namespace=settings.redis_namespace,
-                ttl_seconds=settings.reservation_ttl_seconds,
-            )
+            redis_holds = RedisHolds.from_settings(settings, ttl_seconds=settings.reservation_ttl_seconds)
         return cls(
             settings=settings,
             pricing=PricingTable.load(settings.pricing_file),
@@ -104,7 +101,8 @@ def create_app(settings: ProxySettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         from .worker import Worker
 
-        redis = aioredis.from_url(settings.redis_url)
+        # The worker's job records (REDIS_CLUSTER picks the kind of client, like for the holds).
+        redis = redis_client(settings)
         connection = None
         worker: Worker | None = None
         checks = app.state.readiness_checks
@@ -120,7 +118,7 @@ def create_app(settings: ProxySettings | None = None) -> FastAPI:
 
         checks["credits"] = credits_ready
         checks["broker"] = broker_ready
-        checks["redis"] = redis.ping
+        checks["redis"] = functools.partial(probe, redis, settings.redis_namespace)
         try:
             connection = await connect(settings.rabbitmq_url, "proxy")
         except Exception:

@@ -6,10 +6,10 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from shared.settings import SharedSettings
+from shared.settings import RedisSettings, SharedSettings
 
 
-class ProxySettings(SharedSettings):
+class ProxySettings(SharedSettings, RedisSettings):
     service_name: ClassVar[str] = "proxy"
     default_port: ClassVar[int] = 8000
     secret_fields: ClassVar[tuple[str, ...]] = ("internal_token", "user_token_secret")

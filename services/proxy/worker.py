@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import orjson
-import redis.asyncio as aioredis
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 from pydantic import ValidationError
 
 from shared.broker import PoisonMessage, Publisher, Topology, build_message, consume, parse_json
 from shared.errors import AppError, Conflict, ServiceUnavailable, UpstreamError, UpstreamTimeout
 from shared.events import AiJobCompleted, AiJobFailed, AiJobRequest, Event, JobError
+from shared.redis_client import AnyRedis
 
 from .downstream import DownstreamError
 from .metrics import CREDITS_CHARGED, JOBS
@@ -63,7 +63,7 @@ class Worker:
         proxy: Proxy,
         connection: AbstractRobustConnection,
         topology: Topology,
-        redis: aioredis.Redis[Any],
+        redis: AnyRedis,
     ) -> None:
         self.proxy = proxy
         self.settings = proxy.settings

@@ -21,10 +21,13 @@ def credits_database_url(make_database_url: Callable[[str], str]) -> str:
 
 @pytest.fixture(scope="package")
 async def credits(
-    credits_database_url: str, redis_url: str, broker_namespace: str
+    credits_database_url: str, redis_url: str, redis_cluster: bool, broker_namespace: str
 ) -> AsyncIterator[CreditsService]:
     async with running_credits(
-        database_url=credits_database_url, redis_url=redis_url, broker_namespace=broker_namespace
+        database_url=credits_database_url,
+        redis_url=redis_url,
+        redis_cluster=redis_cluster,
+        broker_namespace=broker_namespace,
     ) as service:
         yield service
 

@@ -19,13 +19,13 @@ from typing import Any
 
 import asyncpg
 import pytest
-import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy.engine import make_url
 
 from services.credits.app import Runtime
 from shared.errors import Conflict, InsufficientCredits
+from tests.conftest import redis_client_for
 from tests.credits.helpers import FakeClock, redis_syncs_lost
 from tests.support.credits_service import credits_settings
 
@@ -77,10 +77,11 @@ class Model:
 
 
 class Harness:
-    def __init__(self, database_url: str, redis_url: str) -> None:
+    def __init__(self, database_url: str, redis_url: str, redis_cluster: bool) -> None:
         self.settings = credits_settings(
             database_url=database_url,
             redis_url=redis_url,
+            redis_cluster=redis_cluster,
             broker_namespace="unused",
             redis_namespace=NAMESPACE,
             run_background_tasks=False,
@@ -89,7 +90,7 @@ class Harness:
         )
         self.clock = FakeClock()
         self.runtime: Runtime | None = None
-        self.redis = aioredis.from_url(redis_url)
+        self.redis = redis_client_for(redis_url, redis_cluster)
 
     async def start(self) -> None:
         self.runtime = await Runtime.open(self.settings, broker=False, clock=self.clock)
@@ -249,14 +250,23 @@ def prop_database_url(make_database_url: Any) -> str:
     return str(make_database_url("credits_prop"))
 
 
-def test_random_interleavings_keep_the_invariants(prop_database_url: str, redis_url: str) -> None:
+@pytest.mark.both_redis
+def test_random_interleavings_keep_the_invariants(
+    prop_database_url: str, redis_url: str, redis_cluster: bool
+) -> None:
     dsn = make_url(prop_database_url).set(drivername="postgresql").render_as_string(hide_password=False)
 
-    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=False)
+    # Fewer examples on the cluster: the same programs, each paying for a cluster client's start.
+    @settings(
+        max_examples=50 if redis_cluster else 150,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        derandomize=False,
+    )
     @given(ops=program)
     def run(ops: list[Any]) -> None:
         async def main() -> None:
-            h = Harness(prop_database_url, redis_url)
+            h = Harness(prop_database_url, redis_url, redis_cluster)
             await h.start()
             pg = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
             try:

@@ -17,14 +17,19 @@ import pytest
 import redis.asyncio as aioredis
 
 from shared.redis_holds import PlacedHold, RedisHolds, user_keys
-from tests.conftest import eventually
+from tests.conftest import eventually, redis_client_for
 from tests.credits.helpers import Checker, assert_envelope
 from tests.support.credits_service import CreditsService
 
+# The proxy's holds in credits' Redis: on a single node and on Redis Cluster.
+pytestmark = pytest.mark.both_redis
+
 
 @pytest.fixture
-async def redis_holds(credits: CreditsService, redis_url: str) -> AsyncIterator[RedisHolds]:
-    holds = RedisHolds(aioredis.from_url(redis_url), namespace=credits.settings.redis_namespace)
+async def redis_holds(
+    credits: CreditsService, redis_url: str, redis_cluster: bool
+) -> AsyncIterator[RedisHolds]:
+    holds = RedisHolds(redis_client_for(redis_url, redis_cluster), namespace=credits.settings.redis_namespace)
     yield holds
     await holds.aclose()
 
@@ -209,13 +214,15 @@ async def test_redis_wiped_before_the_record_and_the_balance_spent_refuses_the_h
 
 
 async def test_a_placed_hold_that_is_never_recorded_lapses_without_a_trace(
-    client: httpx.AsyncClient, check: Checker, redis_url: str, user_id: str
+    client: httpx.AsyncClient, check: Checker, redis_url: str, redis_cluster: bool, user_id: str
 ) -> None:
     """The proxy died between placing the hold and recording it: after the deadline (and the grace
     period) the credits are back; PostgreSQL never heard of the hold."""
     await _user(client, check, user_id)
     short = RedisHolds(
-        aioredis.from_url(redis_url), namespace=check.credits.settings.redis_namespace, ttl_seconds=1
+        redis_client_for(redis_url, redis_cluster),
+        namespace=check.credits.settings.redis_namespace,
+        ttl_seconds=1,
     )
     try:
         placed = await short.place(user_id, 7)
@@ -237,14 +244,14 @@ async def test_a_placed_hold_that_is_never_recorded_lapses_without_a_trace(
 
 
 async def test_the_fast_path_leaves_holds_past_their_deadline_to_the_credits_service(
-    client: httpx.AsyncClient, check: Checker, redis_url: str, user_id: str
+    client: httpx.AsyncClient, check: Checker, redis_url: str, redis_cluster: bool, user_id: str
 ) -> None:
     """The proxy's clock and grace never decide that a hold is dead (a clock running ahead would drop
     the account for a rebuild again and again): such a hold still counts on the fast path, and the
     credits service clears it once a refused request comes to it."""
     await _user(client, check, user_id)
     namespace = check.credits.settings.redis_namespace
-    short = RedisHolds(aioredis.from_url(redis_url), namespace=namespace, ttl_seconds=1)
+    short = RedisHolds(redis_client_for(redis_url, redis_cluster), namespace=namespace, ttl_seconds=1)
     try:
         assert await short.place(user_id, 7) is not None  # never recorded: its proxy "died"
         await asyncio.sleep(1 + check.credits.settings.orphan_grace_seconds + 0.5)
@@ -260,12 +267,12 @@ async def test_the_fast_path_leaves_holds_past_their_deadline_to_the_credits_ser
 
 
 async def test_500_concurrent_placements_from_two_clients_hold_exactly_the_balance(
-    client: httpx.AsyncClient, check: Checker, redis_url: str, user_id: str
+    client: httpx.AsyncClient, check: Checker, redis_url: str, redis_cluster: bool, user_id: str
 ) -> None:
     """Two processes' worth of clients (separate connections) race for 10 credits, one at a time."""
     await _user(client, check, user_id)
     namespace = check.credits.settings.redis_namespace
-    clients = [RedisHolds(aioredis.from_url(redis_url), namespace=namespace) for _ in range(2)]
+    clients = [RedisHolds(redis_client_for(redis_url, redis_cluster), namespace=namespace) for _ in range(2)]
     try:
         outcomes = await asyncio.gather(*(clients[i % 2].place(user_id, 1) for i in range(500)))
     finally:

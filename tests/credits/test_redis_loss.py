@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import pytest
 import redis.asyncio as aioredis
 
 from tests.credits.helpers import Checker, assert_envelope
+
+# Redis wiped or restarted under the service: on a single node and on Redis Cluster.
+pytestmark = pytest.mark.both_redis
 
 
 async def test_flushdb_while_running_loses_and_doubles_nothing(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import pytest
 
 from tests.conftest import eventually
 from tests.credits.helpers import Checker, assert_envelope
@@ -91,6 +92,7 @@ async def test_insufficient_credits(client: httpx.AsyncClient, check: Checker, u
     assert len(s["holds"]) == 1
 
 
+@pytest.mark.both_redis
 async def test_500_concurrent_reservations_against_10_credits(
     client: httpx.AsyncClient, check: Checker, user_id: str
 ) -> None:
@@ -114,6 +116,7 @@ async def test_500_concurrent_reservations_against_10_credits(
     assert (await client.get(f"/v1/users/{user_id}/credits")).json()["credits_remaining"] == 0
 
 
+@pytest.mark.both_redis
 async def test_expired_hold_is_returned_and_cannot_be_committed(
     client: httpx.AsyncClient, check: Checker, user_id: str
 ) -> None:

@@ -46,6 +46,13 @@ CONTRACT_ENV = frozenset(
         "BROKER_NAMESPACE",
         "LOG_LEVEL",
         "LOG_JSON",
+        "REDIS_CLUSTER",
+        "REDIS_NAMESPACE",
+        "REDIS_MAX_CONNECTIONS",
+        "DB_POOL_SIZE",
+        "DB_MAX_OVERFLOW",
+        "DB_HOT_POOL_SIZE",
+        "DB_PGBOUNCER",
     }
 )
 

@@ -52,11 +52,12 @@ def topology(broker_namespace: str) -> Topology:
 
 @contextlib.asynccontextmanager
 async def running_credits(
-    database_url: str, redis_url: str, rabbitmq_url: str, namespace: str
+    database_url: str, redis_url: str, rabbitmq_url: str, namespace: str, redis_cluster: bool = False
 ) -> AsyncIterator[str]:
     settings = CreditsSettings(
         database_url=database_url,
         redis_url=redis_url,
+        redis_cluster=redis_cluster,
         rabbitmq_url=rabbitmq_url,
         broker_namespace=namespace,
         signup_credits=10,
@@ -72,9 +73,11 @@ def standin() -> Iterator[StandinServer]:
 
 
 @pytest.fixture(scope="package")
-async def credits_url(make_database_url, redis_url, rabbitmq_url, broker_namespace) -> AsyncIterator[str]:  # type: ignore[no-untyped-def]
+async def credits_url(
+    make_database_url, redis_url, redis_cluster, rabbitmq_url, broker_namespace
+) -> AsyncIterator[str]:  # type: ignore[no-untyped-def]
     async with running_credits(
-        make_database_url("proxy_credits"), redis_url, rabbitmq_url, broker_namespace
+        make_database_url("proxy_credits"), redis_url, rabbitmq_url, broker_namespace, redis_cluster
     ) as url:
         yield url
 
@@ -98,13 +101,14 @@ def pricing_file(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="package")
 async def proxy(  # type: ignore[no-untyped-def]
-    credits_url, billing_url, standin, pricing_file, redis_url, rabbitmq_url, broker_namespace
+    credits_url, billing_url, standin, pricing_file, redis_url, redis_cluster, rabbitmq_url, broker_namespace
 ) -> AsyncIterator[RunningProxy]:
     async with running_proxy(
         credits_url=credits_url,
         billing_url=billing_url,
         upstream_base_url=standin.base_url,
         redis_url=redis_url,
+        redis_cluster=redis_cluster,
         rabbitmq_url=rabbitmq_url,
         broker_namespace=broker_namespace,
         pricing_file=pricing_file,

@@ -12,6 +12,7 @@ from services.proxy.pricing import estimate_input_tokens
 from tests.proxy.conftest import Credits, another_proxy, sdk_for
 
 
+@pytest.mark.both_redis
 async def test_200_concurrent_requests_against_25_credits(sdk, credits: Credits) -> None:  # type: ignore[no-untyped-def]
     user = await credits.user(25)
     client = sdk(user, timeout=120)

@@ -53,14 +53,21 @@ def _flaky_front(credits_url: str, outage: dict[str, int]) -> Starlette:
     return Starlette(routes=[Route("/{path:path}", forward, methods=["GET", "POST", "DELETE"])])
 
 
+@pytest.mark.both_redis
 async def test_credits_down_while_recording_delays_the_record_and_charges_once(  # type: ignore[no-untyped-def]
-    credits: Credits, credits_url, own_standin, pricing_file, redis_url
+    credits: Credits, credits_url, own_standin, pricing_file, redis_url, redis_cluster
 ) -> None:
     user = await credits.user(10)
     outage = {"batches": 3}
     async with (
         serve_app(_flaky_front(credits_url, outage)) as front,
-        another_proxy(front, own_standin.base_url, pricing_file=pricing_file, redis_url=redis_url) as gateway,
+        another_proxy(
+            front,
+            own_standin.base_url,
+            pricing_file=pricing_file,
+            redis_url=redis_url,
+            redis_cluster=redis_cluster,
+        ) as gateway,
     ):
         redis_before = _placed("redis")
         completion = await sdk_for(gateway, user, timeout=120).chat.completions.with_raw_response.create(

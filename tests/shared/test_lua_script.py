@@ -13,6 +13,7 @@ from shared.redis_holds import LuaScript, user_keys
 NOW_MS = 1_000_000
 
 
+@pytest.mark.both_redis
 async def test_single_and_pipelined_calls_survive_a_script_flush(redis_client: aioredis.Redis) -> None:
     namespace = f"lua-{uuid.uuid4().hex[:6]}"
     users = ["a", "b", "c"]

@@ -1,0 +1,89 @@
+"""The PostgreSQL connection budget of a credits process is what its settings say: DB_POOL_SIZE +
+DB_MAX_OVERFLOW (SQLAlchemy) + DB_HOT_POOL_SIZE (the hot path's asyncpg pool), however hard it is
+pushed; past that, requests wait for a connection and still succeed. (It was a fixed 20 + 4 + 20 = 44,
+and two processes plus the tests reached PostgreSQL's 100.)"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+
+import asyncpg
+import httpx
+import pytest
+from sqlalchemy.engine import make_url
+
+from tests.support.credits_service import running_credits
+
+
+@pytest.mark.parametrize("pgbouncer", [False, True], ids=["direct", "no-statement-cache"])
+async def test_a_credits_process_stays_within_its_connection_budget(
+    make_database_url: Callable[[str], str],
+    redis_url: str,
+    broker_namespace: str,
+    pgbouncer: bool,
+) -> None:
+    database_url = make_database_url(f"credits_budget_{int(pgbouncer)}")
+    database = make_url(database_url).database
+    async with (
+        running_credits(
+            database_url=database_url,
+            redis_url=redis_url,
+            broker_namespace=broker_namespace,
+            db_pool_size=2,
+            db_max_overflow=1,
+            db_hot_pool_size=3,
+            db_pgbouncer=pgbouncer,
+            signup_credits=0,
+        ) as credits,
+        httpx.AsyncClient(
+            base_url=credits.url,
+            headers=credits.headers,
+            timeout=60,
+            limits=httpx.Limits(max_connections=200),
+        ) as http,
+    ):
+        admin = await asyncpg.connect(user="postgres", host="127.0.0.1", database="postgres")
+        peak = 0
+        stop = asyncio.Event()
+
+        async def sample() -> None:
+            nonlocal peak
+            while not stop.is_set():
+                n = await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = $1", database)
+                peak = max(peak, int(n))
+                await asyncio.sleep(0.005)
+
+        users = [f"budget-{uuid.uuid4().hex[:8]}" for _ in range(40)]
+
+        async def spend(user: str) -> int:
+            r = await http.post(
+                f"/v1/admin/users/{user}/grants",
+                json={"credits": 5, "reason": "t"},
+                headers=credits.admin_headers,
+            )
+            assert r.status_code == 201, r.text
+            charged = 0
+            for _ in range(6):  # one more than the balance covers
+                r = await http.post("/v1/reservations", json={"user_id": user, "amount": 1})
+                if r.status_code == 402:
+                    continue
+                assert r.status_code == 201, r.text
+                c = await http.post(f"/v1/reservations/{r.json()['reservation_id']}/commit", json={})
+                assert c.status_code == 200, c.text
+                charged += c.json()["charged"]
+            return charged
+
+        sampler = asyncio.create_task(sample())
+        try:
+            charged = await asyncio.gather(*(spend(u) for u in users))
+        finally:
+            stop.set()
+            await sampler
+            await admin.close()
+        assert charged == [5] * len(users)
+        for user in users:
+            account = (await http.get(f"/v1/users/{user}/credits")).json()
+            assert account["credits_remaining"] == 0 and account["credits_reserved"] == 0
+        assert 0 < peak <= 2 + 1 + 3, peak
