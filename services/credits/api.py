@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import date
 from typing import Annotated, Any, Literal, TypeVar
 
+import orjson
 from fastapi import APIRouter, Depends, Header, Query, Request
-from pydantic import BaseModel, Field, StrictInt, StrictStr, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    Field,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+)
 
 from services.credits.apikeys import ApiKeys
 from services.credits.ledger import HoldToRecord, Ledger, ReserveResult, SettleResult, valid_user_id
@@ -41,14 +51,46 @@ class ReserveBody(Body):
     ttl_seconds: Annotated[StrictInt, Field(gt=0)] | None = None
 
 
+def _printable(value: str) -> str:
+    # PostgreSQL's jsonb refuses NUL, and control characters have no place in a model name.
+    if not value.isprintable():
+        raise ValueError("must not contain control characters")
+    return value
+
+
+Label = Annotated[StrictStr, Field(min_length=1, max_length=200), AfterValidator(_printable)]
+Tokens = Annotated[StrictInt, Field(ge=0, le=10**12)]
+
+
+class UsageDetails(Body):
+    """What a committed request was (CONTRACT §4 `details` of a usage entry). Unknown keys are dropped,
+    so what is stored stays small; known keys are checked strictly."""
+
+    operation: Label
+    model: Label | None = None
+    input_tokens: Tokens | None = None
+    output_tokens: Tokens | None = None
+    upstream_cost_usd: Annotated[StrictFloat, Field(ge=0, le=10**6, allow_inf_nan=False)] | None = None
+
+    def stored(self) -> str:
+        """The jsonb text kept on the usage entry: always the five keys."""
+        return orjson.dumps(self.model_dump()).decode()
+
+
+def stored_details(details: UsageDetails | None) -> str | None:
+    return details.stored() if details is not None else None
+
+
 class CommitBody(Body):
     amount: Annotated[StrictInt, Field(ge=0, le=MAX_CREDITS)] | None = None
+    details: UsageDetails | None = None
 
 
 class SettleItem(Body):
     reservation_id: Annotated[StrictStr, Field(min_length=1, max_length=100)]
     action: Literal["commit", "release"]
     amount: Annotated[StrictInt, Field(ge=0, le=MAX_CREDITS)] | None = None
+    details: UsageDetails | None = None  # commits only; a release has no usage entry
 
 
 class HoldItem(Body):
@@ -236,9 +278,25 @@ async def migrate(
     return JsonResponse({"data": await ledger.migrate_subscriptions(users)})
 
 
+def _day(name: str, value: str | None) -> date | None:
+    if value is None or value == "":
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise InvalidRequest(f"{name} must be an ISO date (YYYY-MM-DD), UTC.") from None
+
+
 @admin.get("/analytics")
-async def analytics(ledger: LedgerDep) -> JsonResponse:
-    return JsonResponse(await ledger.analytics())
+async def analytics(
+    ledger: LedgerDep,
+    from_: Annotated[str | None, Query(alias="from", max_length=40)] = None,
+    to: Annotated[str | None, Query(max_length=40)] = None,
+) -> JsonResponse:
+    first, last = _day("from", from_), _day("to", to)
+    if first is not None and last is not None and first > last:
+        raise InvalidRequest("from must not be after to.")
+    return JsonResponse(await ledger.analytics(first, last))
 
 
 # ---------------------------------------------------------------- hot path
@@ -290,7 +348,11 @@ async def commit(request: Request) -> JsonResponse:
     _require_internal(request)
     body = await _parse(request, CommitBody, optional=True)
     ledger: Ledger = request.app.state.ledger
-    result = await ledger.commit(request.path_params["reservation_id"], body.amount if body else None)
+    result = await ledger.commit(
+        request.path_params["reservation_id"],
+        body.amount if body else None,
+        stored_details(body.details) if body else None,
+    )
     return JsonResponse(settle_body(result, commit=True))
 
 
@@ -326,7 +388,10 @@ async def settle_batch(request: Request) -> JsonResponse:
         checked_user(hold.user_id)
     # Records and settlements run side by side; their answers go back in the items' order.
     settled, recorded = await asyncio.gather(
-        ledger.settle_many([(i.reservation_id, i.action, i.amount) for i in settles]),
+        ledger.settle_many(
+            [(i.reservation_id, i.action, i.amount) for i in settles],
+            [stored_details(i.details) if i.action == "commit" else None for i in settles],
+        ),
         ledger.record_holds(
             [
                 HoldToRecord(i.reservation_id, i.user_id, i.amount, i.epoch, i.deadline_ms, i.kind)

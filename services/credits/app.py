@@ -17,6 +17,8 @@ from redis.exceptions import RedisError
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.responses import FileResponse
+from starlette.staticfiles import StaticFiles
 
 from services.credits.api import admin, hot_routes, internal
 from services.credits.apikeys import ApiKeys
@@ -31,11 +33,13 @@ from shared.db import create_hot_pool, engine_for, ensure_database, migrate
 from shared.errors import ServiceUnavailable, error_response
 from shared.redis_client import AnyRedis, redis_client
 from shared.responses import JsonResponse
+from shared.vendor import CHARTJS_DIR
 from shared.web import create_service_app
 
 log = logging.getLogger("credits.app")
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+DASHBOARD_DIR = Path(__file__).parent / "dashboard"
 
 
 def asyncpg_dsn(url: str) -> str:
@@ -205,4 +209,12 @@ def create_app(settings: CreditsSettings, *, clock: Clock = utcnow) -> FastAPI:
     app.add_hot_routes(hot_routes)
     app.include_router(internal)
     app.include_router(admin)
+
+    # The operator dashboard: static files only; its script calls /v1/admin/analytics with the token.
+    async def dashboard() -> FileResponse:
+        return FileResponse(DASHBOARD_DIR / "index.html", media_type="text/html")
+
+    app.add_api_route("/admin/", dashboard, methods=["GET"], include_in_schema=False)
+    app.mount("/admin/assets", StaticFiles(directory=DASHBOARD_DIR), name="dashboard")
+    app.mount("/admin/vendor", StaticFiles(directory=CHARTJS_DIR), name="vendor")
     return app

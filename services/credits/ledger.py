@@ -15,14 +15,14 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import orjson
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from services.credits import metrics, store
+from services.credits import analytics, metrics, store
 from services.credits.config import CreditsSettings
 from services.credits.holds import Holds, ReserveOutcome, Snapshot
 from services.credits.store import NewHold, Reservation
@@ -350,6 +350,7 @@ class Ledger:
                     "balance_after": int(r.balance_after),
                     "reference": r.reference,
                     "created_at": r.created_at,
+                    "details": r.details,
                 }
                 for r in rows[:limit]
             ],
@@ -519,6 +520,16 @@ class Ledger:
             if owed:
                 await store.add_owed(conn, user_id, owed)
             await store.update_purchase_refund(conn, event.purchase_id, cumulative, take, owed)
+            # Money back, for revenue net of refunds (billing's amount_cents is cumulative too).
+            cents = min(event.amount_cents, int(purchase.amount_cents))
+            await store.record_refund_cents(
+                conn,
+                event.purchase_id,
+                cumulative,
+                max(cents, int(purchase.refunded_cents)),
+                max(cents - int(purchase.refunded_cents), 0),
+                now,
+            )
             sync = _Sync(user_id, balance, version, ended=(hold.reservation.id,) if hold else ())
         metrics.REFUNDS_APPLIED.inc()
         self._on_outbox()
@@ -693,8 +704,9 @@ class Ledger:
             raise NotFound("Unknown reservation.")
         return found
 
-    async def commit(self, rid: str, amount: int | None) -> SettleResult:
-        result = (await self.settle_many([(rid, "commit", amount)]))[0]
+    async def commit(self, rid: str, amount: int | None, details: str | None = None) -> SettleResult:
+        """`details`: the usage entry's details as JSON text (see api.UsageDetails), or None."""
+        result = (await self.settle_many([(rid, "commit", amount)], [details]))[0]
         if isinstance(result, AppError):
             raise result
         return result
@@ -706,25 +718,32 @@ class Ledger:
         return result
 
     async def settle_many(
-        self, items: Sequence[tuple[str, str, int | None]]
+        self,
+        items: Sequence[tuple[str, str, int | None]],
+        details: Sequence[str | None] | None = None,
     ) -> list[SettleResult | AppError]:
         """Commits ("commit", amount or None for all) and releases ("release") of distinct
         reservations, each idempotent as the single endpoints are. The PostgreSQL side of concurrent
         commits shares the commit writer's transactions; the Redis mirror is updated for the whole
-        call in one pipelined round trip. Returns, per item, its result or the error it is refused with.
+        call in one pipelined round trip. `details` (per item, JSON text or None) goes onto a commit's
+        usage entry. Returns, per item, its result or the error it is refused with.
         """
         now = self.clock()
+        item_details = list(details) if details is not None else [None] * len(items)
 
-        async def settle(rid: str | None, action: str, amount: int | None) -> Any:
+        async def settle(rid: str | None, action: str, amount: int | None, about: str | None) -> Any:
             if rid is None:
                 return {"outcome": "not_found"}
             if action == "commit":
-                return await self.commits.commit(rid, amount, now, self._low_event(now))
+                return await self.commits.commit(rid, amount, now, self._low_event(now), about)
             return await store.release_fast(self.pool, rid, now)
 
         canonical = [str(uuid.UUID(rid)) if _is_uuid(rid) else None for rid, _, _ in items]
         rows = await asyncio.gather(
-            *(settle(rid, action, amount) for rid, (_, action, amount) in zip(canonical, items, strict=True))
+            *(
+                settle(rid, action, amount, about)
+                for rid, (_, action, amount), about in zip(canonical, items, item_details, strict=True)
+            )
         )
         results: list[SettleResult | AppError | None] = [None] * len(items)
         # (item index, whether its result reports the mirror's answer, user, balance, version)
@@ -788,12 +807,20 @@ class Ledger:
             out.append(result)
         return out
 
-    async def analytics(self) -> dict[str, Any]:
-        async with self.engine.connect() as conn:
-            data = await store.analytics(conn)
-        total, paying = data["total_users"], data["paying_users"]
-        data["conversion_rate"] = paying / total if total else 0.0
-        data["tier_breakdown"].setdefault("free", 0)
+    async def analytics(self, first: date | None = None, last: date | None = None) -> dict[str, Any]:
+        """The operator's figures for the UTC days first..last (None: unbounded); see analytics.py."""
+        async with self.engine.begin() as conn:
+            await store.force_custom_plans(conn)
+            sources = analytics.Sources(
+                ledger=await store.ledger_groups(conn, first, last),
+                packs=await store.pack_sales(conn, first, last),
+                money=await store.money_days(conn, first, last),
+                buyers=await store.buyers(conn, first, last),
+                accounts=await store.account_groups(conn, first, last),
+            )
+        data = analytics.report(sources)
+        data["from"] = first.isoformat() if first else None
+        data["to"] = last.isoformat() if last else None
         return data
 
     # ------------------------------------------------------------ sweeping

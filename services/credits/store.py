@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -243,9 +243,8 @@ async def add_owed(conn: AsyncConnection, user_id: str, delta: int) -> None:
 
 async def transactions(conn: AsyncConnection, user_id: str, limit: int, before: int | None) -> list[Any]:
     query = (
-        "SELECT id, type, amount, balance_after, reference, created_at FROM ledger_entries WHERE user_id = :u"
-        + (" AND id < :b" if before is not None else "")
-        + " ORDER BY id DESC LIMIT :l"
+        "SELECT id, type, amount, balance_after, reference, details, created_at FROM ledger_entries"
+        " WHERE user_id = :u" + (" AND id < :b" if before is not None else "") + " ORDER BY id DESC LIMIT :l"
     )
     return list((await conn.execute(text(query), {"u": user_id, "b": before, "l": limit})).all())
 
@@ -354,16 +353,24 @@ async def insert_holds_fast(conn: asyncpg.Connection, holds: Sequence[NewHold]) 
 
 
 async def commit_fast(
-    pool: asyncpg.Pool, reservation_id: str, amount: int | None, now: datetime, threshold: int, low_event: str
+    pool: asyncpg.Pool,
+    reservation_id: str,
+    amount: int | None,
+    now: datetime,
+    threshold: int,
+    low_event: str,
+    details: str | None = None,
 ) -> Any:
-    """Returns (outcome, user_id, amount, charged, balance, version, crossed); see migration 0002."""
+    """Returns (outcome, user_id, amount, charged, balance, version, crossed); see migrations 0002 and
+    0005 (`details`, JSON text, is kept on the usage entry)."""
     return await pool.fetchrow(
-        "SELECT * FROM credits_commit($1::uuid, $2, $3, $4, $5::jsonb)",
+        "SELECT * FROM credits_commit($1::uuid, $2, $3, $4, $5::jsonb, $6::jsonb)",
         reservation_id,
         amount,
         now,
         threshold,
         low_event,
+        details,
     )
 
 
@@ -374,17 +381,20 @@ async def commit_batch_fast(
     now: datetime,
     threshold: int,
     low_events: Sequence[str],
+    details: Sequence[str | None] | None = None,
 ) -> list[Any]:
     """One row per id (in lock order, not input order): (reservation_id, outcome, user_id, amount,
-    charged, balance, version, crossed); see migrations 0002 and 0003."""
+    charged, balance, version, crossed); see migrations 0002, 0003 and 0005 (`details`: JSON text per
+    id, or None, kept on its usage entry)."""
     return list(
         await conn.fetch(
-            "SELECT * FROM credits_commit_batch($1::uuid[], $2::bigint[], $3, $4, $5::jsonb[])",
+            "SELECT * FROM credits_commit_batch($1::uuid[], $2::bigint[], $3, $4, $5::jsonb[], $6::jsonb[])",
             list(ids),
             list(amounts),
             now,
             threshold,
             list(low_events),
+            list(details) if details is not None else None,
         )
     )
 
@@ -425,6 +435,28 @@ async def update_purchase_refund(
             "owed_recorded = owed_recorded + :o WHERE purchase_id = :p"
         ),
         {"r": refunded, "c": clawed_back, "o": owed, "p": purchase_id},
+    )
+
+
+async def record_refund_cents(
+    conn: AsyncConnection,
+    purchase_id: str,
+    cumulative_credits: int,
+    cumulative_cents: int,
+    step_cents: int,
+    when: datetime,
+) -> None:
+    """A refund step in money (`step_cents`: billing's cumulative cents less what earlier steps recorded)."""
+    await conn.execute(
+        text("UPDATE purchases SET refunded_cents = :cents WHERE purchase_id = :p"),
+        {"p": purchase_id, "cents": cumulative_cents},
+    )
+    await conn.execute(
+        text(
+            "INSERT INTO purchase_refunds (purchase_id, cumulative_credits, cents, refunded_at) "
+            "VALUES (:p, :credits, :step, :w) ON CONFLICT DO NOTHING"
+        ),
+        {"p": purchase_id, "credits": cumulative_credits, "step": step_cents, "w": when},
     )
 
 
@@ -481,30 +513,194 @@ async def find_api_key(conn: AsyncConnection, key_hash: str) -> Any:
 
 
 # ---------------------------------------------------------------- analytics
+# Whole days of the ledger come from `ledger_daily` (rolled up by credits_roll_up_ledger(), migration
+# 0005), the rest from `ledger_entries` by its created_at index; purchases, refunds and accounts are
+# read by their date indexes. Each statement below is one pass over what it reads.
 
 
-async def analytics(conn: AsyncConnection) -> dict[str, Any]:
-    totals = (
-        await conn.execute(
-            text(
-                "SELECT count(*) AS users, COALESCE(SUM(credits_purchased_total), 0) AS purchased, "
-                "COALESCE(SUM(credits_lifetime_used), 0) AS used, COALESCE(SUM(balance), 0) AS remaining "
-                "FROM accounts"
+def _day_start(day: date) -> datetime:
+    return datetime(day.year, day.month, day.day, tzinfo=UTC)
+
+
+def _bounds(column: str, lo: datetime | None, hi: datetime | None) -> str:
+    """SQL conditions `lo <= column < hi` for the bounds that are set (the values bound as :lo/:hi)."""
+    parts = ["true"]
+    if lo is not None:
+        parts.append(f"{column} >= :lo")
+    if hi is not None:
+        parts.append(f"{column} < :hi")
+    return " AND ".join(parts)
+
+
+@dataclass(frozen=True)
+class LedgerGroup:
+    """One grouping of the ledger over the range: by type alone, or with its operation, model or day."""
+
+    day: date | None
+    type: str
+    operation: str | None
+    model: str | None
+    entries: int
+    credits: int
+    costed_credits: int
+    upstream_cost_usd: float
+
+
+async def ledger_groups(conn: AsyncConnection, first: date | None, last: date | None) -> list[LedgerGroup]:
+    rolled: date | None = (await conn.execute(text("SELECT credits_roll_up_ledger()"))).scalar_one()
+    lo = _day_start(first) if first else None
+    hi = _day_start(last + timedelta(days=1)) if last else None
+    live_lo = lo
+    if rolled is not None:
+        rolled_end = _day_start(rolled + timedelta(days=1))
+        live_lo = max(lo, rolled_end) if lo else rolled_end
+    daily_where = ["d.day <= :rolled" if rolled is not None else "false"]
+    if first is not None:
+        daily_where.append("d.day >= :first")
+    if last is not None:
+        daily_where.append("d.day <= :last")
+    live_where = _bounds("e.created_at", live_lo, hi)
+    query = f"""
+        WITH days AS (
+            SELECT d.day, d.type, d.operation, d.model, d.entries, d.credits, d.costed_credits,
+                   d.upstream_cost_usd
+            FROM ledger_daily d WHERE {" AND ".join(daily_where)}
+            UNION ALL
+            SELECT (e.created_at AT TIME ZONE 'UTC')::date, e.type,
+                   COALESCE(e.details ->> 'operation', ''), COALESCE(e.details ->> 'model', ''),
+                   count(*), sum(e.amount),
+                   COALESCE(sum(-e.amount) FILTER (WHERE e.details ->> 'upstream_cost_usd' IS NOT NULL), 0),
+                   COALESCE(sum((e.details ->> 'upstream_cost_usd')::numeric), 0)
+            FROM ledger_entries e WHERE {live_where}
+            GROUP BY 1, 2, 3, 4
+        )
+        SELECT day, type, operation, model, GROUPING(day, operation, model) AS grouped,
+               sum(entries) AS entries, sum(credits) AS credits, sum(costed_credits) AS costed_credits,
+               sum(upstream_cost_usd) AS upstream_cost_usd
+        FROM days
+        GROUP BY GROUPING SETS ((type), (type, operation), (type, model), (day, type))
+    """
+    rows = await conn.execute(
+        text(query), {"rolled": rolled, "first": first, "last": last, "lo": live_lo, "hi": hi}
+    )
+    groups = []
+    for r in rows:
+        # GROUPING() sets a bit per column summed away: day 4, operation 2, model 1.
+        groups.append(
+            LedgerGroup(
+                day=r.day if not r.grouped & 4 else None,
+                type=r.type,
+                operation=r.operation if not r.grouped & 2 else None,
+                model=r.model if not r.grouped & 1 else None,
+                entries=int(r.entries),
+                credits=int(r.credits),
+                costed_credits=int(r.costed_credits),
+                upstream_cost_usd=float(r.upstream_cost_usd),
             )
         )
-    ).one()
-    paying = (await conn.execute(text("SELECT count(DISTINCT user_id) FROM purchases"))).scalar_one()
-    tiers = await conn.execute(text("SELECT tier, count(*) AS n FROM accounts GROUP BY tier"))
-    revenue = await conn.execute(text("SELECT pack, SUM(amount_cents) AS cents FROM purchases GROUP BY pack"))
-    return {
-        "total_users": int(totals.users),
-        "paying_users": int(paying),
-        "tier_breakdown": {r.tier: int(r.n) for r in tiers},
-        "revenue_by_pack_cents": {r.pack: int(r.cents) for r in revenue},
-        "total_credits_purchased": int(totals.purchased),
-        "total_credits_used": int(totals.used),
-        "total_credits_remaining": int(totals.remaining),
-    }
+    return groups
+
+
+async def pack_sales(conn: AsyncConnection, first: date | None, last: date | None) -> list[Any]:
+    """Per pack over the range: packs sold, their cents and credits, the latest price and credits of
+    the pack, and the cents refunded in the range (of purchases of any date)."""
+    lo = _day_start(first) if first else None
+    hi = _day_start(last + timedelta(days=1)) if last else None
+    query = f"""
+        WITH sold AS (
+            SELECT pack, count(*) AS sold, sum(amount_cents) AS cents,
+                   (array_agg(amount_cents ORDER BY applied_at DESC, purchase_id))[1] AS price_cents,
+                   (array_agg(credits ORDER BY applied_at DESC, purchase_id))[1] AS pack_credits
+            FROM purchases WHERE {_bounds("applied_at", lo, hi)} GROUP BY pack
+        ), refunded AS (
+            SELECT p.pack, sum(r.cents) AS cents,
+                   (array_agg(p.amount_cents ORDER BY p.applied_at DESC, p.purchase_id))[1] AS price_cents,
+                   (array_agg(p.credits ORDER BY p.applied_at DESC, p.purchase_id))[1] AS pack_credits
+            FROM purchase_refunds r JOIN purchases p ON p.purchase_id = r.purchase_id
+            WHERE {_bounds("r.refunded_at", lo, hi)} GROUP BY p.pack
+        )
+        SELECT COALESCE(s.pack, f.pack) AS pack, COALESCE(s.sold, 0) AS sold, COALESCE(s.cents, 0) AS cents,
+               COALESCE(f.cents, 0) AS refunded_cents, COALESCE(s.price_cents, f.price_cents) AS price_cents,
+               COALESCE(s.pack_credits, f.pack_credits) AS pack_credits
+        FROM sold s FULL JOIN refunded f ON f.pack = s.pack
+        ORDER BY 5, 1
+    """
+    return list(await conn.execute(text(query), {"lo": lo, "hi": hi}))
+
+
+async def money_days(conn: AsyncConnection, first: date | None, last: date | None) -> list[Any]:
+    """Per UTC day: revenue net of refunds, packs sold, paying users (distinct buyers that day)."""
+    lo = _day_start(first) if first else None
+    hi = _day_start(last + timedelta(days=1)) if last else None
+    query = f"""
+        SELECT day, sum(cents) AS revenue_cents, count(user_id) AS packs_sold,
+               count(DISTINCT user_id) AS paying_users
+        FROM (
+            SELECT (applied_at AT TIME ZONE 'UTC')::date AS day, amount_cents AS cents, user_id
+            FROM purchases WHERE {_bounds("applied_at", lo, hi)}
+            UNION ALL
+            SELECT (refunded_at AT TIME ZONE 'UTC')::date, -cents, NULL
+            FROM purchase_refunds WHERE {_bounds("refunded_at", lo, hi)}
+        ) m
+        GROUP BY day
+    """
+    return list(await conn.execute(text(query), {"lo": lo, "hi": hi}))
+
+
+async def buyers(conn: AsyncConnection, first: date | None, last: date | None) -> Any:
+    """(paying users, of them with 2+ purchases, median days between a purchase in the range and the
+    same user's previous purchase) over the range."""
+    lo = _day_start(first) if first else None
+    hi = _day_start(last + timedelta(days=1)) if last else None
+    in_range = _bounds("applied_at", lo, hi)
+    query = f"""
+        WITH counts AS (
+            SELECT user_id, count(*) AS n FROM purchases WHERE {in_range} GROUP BY user_id
+        ), gaps AS (
+            SELECT applied_at,
+                   extract(epoch FROM applied_at - lag(applied_at) OVER (
+                       PARTITION BY user_id ORDER BY applied_at, purchase_id)) / 86400 AS days
+            FROM purchases WHERE user_id IN (SELECT user_id FROM counts)
+              {"AND applied_at < :hi" if hi is not None else ""}
+        )
+        SELECT (SELECT count(*) FROM counts) AS paying,
+               (SELECT count(*) FROM counts WHERE n >= 2) AS repeat,
+               (SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY days) FROM gaps
+                WHERE days IS NOT NULL AND {in_range}) AS median_days
+    """
+    return (await conn.execute(text(query), {"lo": lo, "hi": hi})).one()
+
+
+async def account_groups(conn: AsyncConnection, first: date | None, last: date | None) -> list[Any]:
+    """One pass over the accounts that exist at the end of the range: per current tier (users, credits
+    remaining now, and the funnel of those who signed up in the range: bought by the end of the range,
+    bought twice), and per day of the range the users who signed up."""
+    lo = _day_start(first) if first else None
+    hi = _day_start(last + timedelta(days=1)) if last else None
+    query = f"""
+        SELECT GROUPING(tier) AS by_day, tier, day, count(*) AS users, COALESCE(sum(balance), 0) AS remaining,
+               count(day) AS signed_up, count(day) FILTER (WHERE n >= 1) AS bought,
+               count(day) FILTER (WHERE n >= 2) AS bought_again
+        FROM (
+            SELECT a.tier, a.balance, p.n,
+                   CASE WHEN {_bounds("a.created_at", lo, None)}
+                        THEN (a.created_at AT TIME ZONE 'UTC')::date END AS day
+            FROM accounts a
+            LEFT JOIN (
+                SELECT user_id, count(*) AS n FROM purchases WHERE {_bounds("applied_at", None, hi)}
+                GROUP BY user_id
+            ) p ON p.user_id = a.user_id
+            WHERE {_bounds("a.created_at", None, hi)}
+        ) x
+        GROUP BY GROUPING SETS ((tier), (day))
+    """
+    return list(await conn.execute(text(query), {"lo": lo, "hi": hi}))
+
+
+async def force_custom_plans(conn: AsyncConnection) -> None:
+    """Plans each statement for its own bounds: a generic plan of `created_at >= $1` guesses a third
+    of the table and scans it all."""
+    await conn.execute(text("SET LOCAL plan_cache_mode = force_custom_plan"))
 
 
 # ---------------------------------------------------------------- outbox

@@ -180,6 +180,7 @@ class _PendingCommit:
     amount: int | None
     low_event: str
     future: asyncio.Future[Any]
+    details: str | None = None  # JSON text for the usage entry
 
 
 class CommitWriter(_GroupWriter[_PendingCommit]):
@@ -193,12 +194,19 @@ class CommitWriter(_GroupWriter[_PendingCommit]):
         self._threshold = threshold
         self._now: datetime | None = None
 
-    async def commit(self, reservation_id: str, amount: int | None, now: datetime, low_event: str) -> Any:
+    async def commit(
+        self,
+        reservation_id: str,
+        amount: int | None,
+        now: datetime,
+        low_event: str,
+        details: str | None = None,
+    ) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if self._task is not None and not self._closing:
             # One clock reading per batch is enough: the latest caller's (deadlines are checked against it).
             self._now = now
-        return await self._submit(_PendingCommit(reservation_id, amount, low_event, future))
+        return await self._submit(_PendingCommit(reservation_id, amount, low_event, future, details))
 
     async def _write(self, batch: list[_PendingCommit]) -> None:
         now = self._now
@@ -212,6 +220,7 @@ class CommitWriter(_GroupWriter[_PendingCommit]):
                     now,
                     self._threshold,
                     [p.low_event for p in batch],
+                    [p.details for p in batch],
                 )
         except Exception:
             # E.g. a deadlock with another process: every commit gets its own transaction instead.
@@ -219,7 +228,7 @@ class CommitWriter(_GroupWriter[_PendingCommit]):
             for p in batch:
                 try:
                     row = await store.commit_fast(
-                        self._pool, p.reservation_id, p.amount, now, self._threshold, p.low_event
+                        self._pool, p.reservation_id, p.amount, now, self._threshold, p.low_event, p.details
                     )
                 except Exception as exc:
                     if not p.future.done():

@@ -17,6 +17,7 @@ from starlette.staticfiles import StaticFiles
 from shared.broker import Topology, connect
 from shared.redis_client import probe, redis_client
 from shared.redis_holds import RedisHolds
+from shared.vendor import CHARTJS_DIR
 from shared.web import create_service_app
 
 from . import account_api, openai_api
@@ -149,6 +150,8 @@ def create_app(settings: ProxySettings | None = None) -> FastAPI:
     app.state.proxy = proxy
     app.add_hot_routes(openai_api.hot_routes)
     app.include_router(account_api.router)
+    # Chart.js for the portal's usage chart (the copy credits' dashboard uses too); before /portal.
+    app.mount("/portal/vendor", StaticFiles(directory=CHARTJS_DIR), name="portal-vendor")
     app.mount("/portal", StaticFiles(directory=account_api.PORTAL_DIR), name="portal")
     return app
 

@@ -61,7 +61,16 @@ async def test_transactions_page_newest_first(
     page = (await client.get(f"/v1/users/{user_id}/transactions", params={"limit": 2})).json()
     assert [e["amount"] for e in page["data"]] == [5, 4] and page["has_more"] is True
     assert page["data"][0]["balance_after"] == 25 and page["data"][0]["type"] == "admin_add"
-    assert set(page["data"][0]) == {"id", "type", "amount", "balance_after", "reference", "created_at"}
+    assert set(page["data"][0]) == {
+        "id",
+        "type",
+        "amount",
+        "balance_after",
+        "reference",
+        "created_at",
+        "details",
+    }
+    assert page["data"][0]["details"] is None  # only usage entries have details
     page2 = (
         await client.get(
             f"/v1/users/{user_id}/transactions", params={"limit": 2, "before": page["data"][-1]["id"]}
