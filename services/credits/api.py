@@ -43,12 +43,16 @@ class ReserveBody(Body):
 
 class CommitBody(Body):
     amount: Annotated[StrictInt, Field(ge=0, le=MAX_CREDITS)] | None = None
+    # Credits the request cost beyond its hold (its usage exceeded the estimate): taken from what the
+    # balance has, the rest recorded as owed. Beyond the contract; `amount` keeps its meaning.
+    overage: Annotated[StrictInt, Field(ge=0, le=MAX_CREDITS)] = 0
 
 
 class SettleItem(Body):
     reservation_id: Annotated[StrictStr, Field(min_length=1, max_length=100)]
     action: Literal["commit", "release"]
     amount: Annotated[StrictInt, Field(ge=0, le=MAX_CREDITS)] | None = None
+    overage: Annotated[StrictInt, Field(ge=0, le=MAX_CREDITS)] = 0
 
 
 class HoldItem(Body):
@@ -142,6 +146,9 @@ def settle_body(result: SettleResult, *, commit: bool) -> dict[str, Any]:
     body: dict[str, Any] = {"reservation_id": result.reservation_id}
     if commit:
         body["charged"] = result.charged
+        if result.overage:
+            body["overage"] = result.overage
+            body["owed"] = result.owed
     body["refunded"] = result.refunded
     body["credits_remaining"] = result.available
     return body
@@ -290,7 +297,9 @@ async def commit(request: Request) -> JsonResponse:
     _require_internal(request)
     body = await _parse(request, CommitBody, optional=True)
     ledger: Ledger = request.app.state.ledger
-    result = await ledger.commit(request.path_params["reservation_id"], body.amount if body else None)
+    result = await ledger.commit(
+        request.path_params["reservation_id"], body.amount if body else None, body.overage if body else 0
+    )
     return JsonResponse(settle_body(result, commit=True))
 
 
@@ -326,7 +335,10 @@ async def settle_batch(request: Request) -> JsonResponse:
         checked_user(hold.user_id)
     # Records and settlements run side by side; their answers go back in the items' order.
     settled, recorded = await asyncio.gather(
-        ledger.settle_many([(i.reservation_id, i.action, i.amount) for i in settles]),
+        ledger.settle_many(
+            [(i.reservation_id, i.action, i.amount) for i in settles],
+            [i.overage if i.action == "commit" else 0 for i in settles],
+        ),
         ledger.record_holds(
             [
                 HoldToRecord(i.reservation_id, i.user_id, i.amount, i.epoch, i.deadline_ms, i.kind)
