@@ -84,6 +84,9 @@ def stored_details(details: UsageDetails | None) -> str | None:
 class CommitBody(Body):
     amount: Annotated[StrictInt, Field(ge=0, le=MAX_CREDITS)] | None = None
     details: UsageDetails | None = None
+    # Credits the request cost beyond its hold (its usage exceeded the estimate): taken from what the
+    # balance has, the rest recorded as owed. Beyond the contract; `amount` keeps its meaning.
+    overage: Annotated[StrictInt, Field(ge=0, le=MAX_CREDITS)] = 0
 
 
 class SettleItem(Body):
@@ -91,6 +94,7 @@ class SettleItem(Body):
     action: Literal["commit", "release"]
     amount: Annotated[StrictInt, Field(ge=0, le=MAX_CREDITS)] | None = None
     details: UsageDetails | None = None  # commits only; a release has no usage entry
+    overage: Annotated[StrictInt, Field(ge=0, le=MAX_CREDITS)] = 0
 
 
 class HoldItem(Body):
@@ -184,6 +188,9 @@ def settle_body(result: SettleResult, *, commit: bool) -> dict[str, Any]:
     body: dict[str, Any] = {"reservation_id": result.reservation_id}
     if commit:
         body["charged"] = result.charged
+        if result.overage:
+            body["overage"] = result.overage
+            body["owed"] = result.owed
     body["refunded"] = result.refunded
     body["credits_remaining"] = result.available
     return body
@@ -352,6 +359,7 @@ async def commit(request: Request) -> JsonResponse:
         request.path_params["reservation_id"],
         body.amount if body else None,
         stored_details(body.details) if body else None,
+        body.overage if body else 0,
     )
     return JsonResponse(settle_body(result, commit=True))
 
@@ -391,6 +399,7 @@ async def settle_batch(request: Request) -> JsonResponse:
         ledger.settle_many(
             [(i.reservation_id, i.action, i.amount) for i in settles],
             [stored_details(i.details) if i.action == "commit" else None for i in settles],
+            [i.overage if i.action == "commit" else 0 for i in settles],
         ),
         ledger.record_holds(
             [

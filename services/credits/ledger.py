@@ -14,7 +14,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -88,6 +88,9 @@ class SettleResult:
     charged: int
     refunded: int
     available: int
+    # Credits charged beyond the hold (a commit's `overage`), of which `owed` the balance lacked.
+    overage: int = 0
+    owed: int = 0
 
 
 @dataclass(frozen=True)
@@ -704,9 +707,12 @@ class Ledger:
             raise NotFound("Unknown reservation.")
         return found
 
-    async def commit(self, rid: str, amount: int | None, details: str | None = None) -> SettleResult:
-        """`details`: the usage entry's details as JSON text (see api.UsageDetails), or None."""
-        result = (await self.settle_many([(rid, "commit", amount)], [details]))[0]
+    async def commit(
+        self, rid: str, amount: int | None, details: str | None = None, overage: int = 0
+    ) -> SettleResult:
+        """`details`: the usage entry's details as JSON text (see api.UsageDetails), or None;
+        `overage`: credits the request cost beyond its hold (see `settle_many`)."""
+        result = (await self.settle_many([(rid, "commit", amount)], [details], [overage]))[0]
         if isinstance(result, AppError):
             raise result
         return result
@@ -721,12 +727,15 @@ class Ledger:
         self,
         items: Sequence[tuple[str, str, int | None]],
         details: Sequence[str | None] | None = None,
+        overages: Sequence[int] | None = None,
     ) -> list[SettleResult | AppError]:
         """Commits ("commit", amount or None for all) and releases ("release") of distinct
         reservations, each idempotent as the single endpoints are. The PostgreSQL side of concurrent
         commits shares the commit writer's transactions; the Redis mirror is updated for the whole
         call in one pipelined round trip. `details` (per item, JSON text or None) goes onto a commit's
-        usage entry. Returns, per item, its result or the error it is refused with.
+        usage entry. `overages` (per item, for commits): credits the request cost beyond its hold,
+        charged once with the commit that ends the hold (see `_charge_overage`). Returns, per item,
+        its result or the error it is refused with.
         """
         now = self.clock()
         item_details = list(details) if details is not None else [None] * len(items)
@@ -796,6 +805,15 @@ class Ledger:
                 # PostgreSQL has the change; the sweeper rebuilds these users' Redis state.
                 self._failed_syncs.update(user for _, _, user, _, _ in syncs)
                 log.exception("syncing Redis after %d settlements failed", len(syncs))
+        if overages is not None:
+            for i, row in enumerate(rows):
+                extra = overages[i]
+                result = results[i]
+                if extra <= 0 or not isinstance(result, SettleResult) or row["outcome"] != "committed":
+                    continue  # a replay was charged its overage the first time
+                owed = await self._charge_overage(row["user_id"], result.reservation_id, extra)
+                available.pop(i, None)
+                results[i] = replace(result, overage=extra, owed=owed)
         out: list[SettleResult | AppError] = []
         for i, result in enumerate(results):
             assert result is not None
@@ -803,9 +821,56 @@ class Ledger:
                 remaining = available.get(i)
                 if remaining is None:
                     remaining, _ = await self.live(rows[i]["user_id"])
-                result = SettleResult(result.reservation_id, result.charged, result.refunded, remaining)
+                result = SettleResult(
+                    result.reservation_id,
+                    result.charged,
+                    result.refunded,
+                    remaining,
+                    result.overage,
+                    result.owed,
+                )
             out.append(result)
         return out
+
+    async def _charge_overage(self, user_id: str, rid: str, extra: int) -> int:
+        """Charges `extra` credits a request cost beyond its committed hold (its usage came out above
+        the estimate): what is available is taken through a hold of its own, so no concurrent
+        reserve can be overdrawn, and the rest is recorded as owed (paid first by the next purchase,
+        as a refund's claw-back is). Runs once per hold, after the commit that ended it; a process
+        that dies in between leaves the overage uncharged, never charged twice. Returns the owed part."""
+        reference = f"reservation:{rid}:overage"
+        try:
+            held = await self.reserve(
+                user_id, extra, None, ttl_seconds=300, up_to=True, kind="overage", count_metrics=False
+            )
+        except AppError:
+            log.exception("holding the overage of %s failed; all of it is recorded as owed", rid)
+            held = None
+        take = held.reservation.amount if held is not None else 0
+        now = self.clock()
+        balance = version = None
+        async with self.engine.begin() as conn:
+            await store.get_account(conn, user_id, lock="update")
+            if await store.ledger_reference_exists(conn, reference):
+                take = extra = 0  # charged already
+                if held is not None:
+                    await store.end_reservation(conn, held.reservation.id, "released", now)
+            elif take:
+                balance, version, crossed = await store.change_balance(
+                    conn, user_id, -take, "usage", reference, threshold=self.threshold, used=take
+                )
+                assert held is not None
+                await store.end_reservation(conn, held.reservation.id, "committed", now, charged=take)
+                if crossed:
+                    await self._low_balance_event(conn, user_id, balance)
+            owed = extra - take
+            if owed:
+                await store.add_owed(conn, user_id, owed)
+        metrics.CREDITS_COMMITTED.inc(take)
+        self._on_outbox()
+        ended = (held.reservation.id,) if held is not None else ()
+        await self._sync([_Sync(user_id, balance, version, ended=ended)])
+        return owed
 
     async def analytics(self, first: date | None = None, last: date | None = None) -> dict[str, Any]:
         """The operator's figures for the UTC days first..last (None: unbounded); see analytics.py."""

@@ -24,6 +24,9 @@ class ProxySettings(SharedSettings, RedisSettings):
     openai_base_url: str = "https://api.openai.com/v1"
     upstream_timeout_seconds: float = 60.0
     upstream_max_connections: int = 512
+    # A streaming client that reads nothing for this long is cut off (its request charged, the
+    # upstream call closed): a stalled reader must not keep an upstream call and its hold alive.
+    client_stall_seconds: float = Field(default=60.0, gt=0)
 
     pricing_file: str | None = None
     # Redis, shared with credits: the worker's job records, and the holds of the fast path.

@@ -128,9 +128,23 @@ class CreditsClient(InternalClient):
         data = await self.json(b"POST", "/v1/reservations", payload)
         return Reservation(str(data["reservation_id"]), int(data["amount"]), int(data["credits_remaining"]))
 
-    async def commit(self, reservation_id: str, amount: int) -> dict[str, Any]:
+    async def commit(
+        self,
+        reservation_id: str,
+        amount: int,
+        *,
+        overage: int = 0,
+        details: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Commits `amount` (at most the hold) and `overage` credits beyond it (what the balance has,
+        the rest recorded as owed), with the usage `details` of the ledger entry."""
+        payload: dict[str, Any] = {"amount": amount}
+        if overage > 0:
+            payload["overage"] = overage
+        if details is not None:
+            payload["details"] = details
         data: dict[str, Any] = await self.json(
-            b"POST", f"/v1/reservations/{_seg(reservation_id)}/commit", {"amount": amount}
+            b"POST", f"/v1/reservations/{_seg(reservation_id)}/commit", payload
         )
         return data
 

@@ -33,7 +33,7 @@ from .metrics import (
     REQUESTS_REFUSED,
     SETTLEMENT_FAILURES,
 )
-from .pricing import Plan, Price, apply_output_cap, plan, usage_tokens
+from .pricing import Charge, Quote
 from .settlements import SettlementBatcher
 
 log = logging.getLogger("proxy.metering")
@@ -42,9 +42,8 @@ log = logging.getLogger("proxy.metering")
 @dataclass(slots=True)
 class Hold:
     user_id: str
-    operation: str
-    price: Price
-    plan: Plan
+    # The request's price; a hold placed for less than its first quote carries the fitted one.
+    quote: Quote
     reservation: Reservation
     settled: bool = False
     # For a hold placed in Redis: credits' answer to recording it, which the settlement waits for.
@@ -54,23 +53,13 @@ class Hold:
     def amount(self) -> int:
         return self.reservation.amount
 
+    @property
+    def operation(self) -> str:
+        return self.quote.operation
+
     def remaining_after(self, charged: int) -> int:
         """The user's available credits once this hold settles at `charged` (ignoring other traffic)."""
-        return self.reservation.credits_remaining + self.amount - charged
-
-    def cost_from_usage(self, usage: Any, output_served: int | None = None) -> int:
-        """What the request costs: the per-request price, or its tokens (from `usage`; for a stream
-        without usage, the input estimate plus the `output_served` tokens counted while relaying),
-        never more than was held. A complete answer without usage costs the hold: its output was
-        never counted, and the hold is the most the caller agreed to pay."""
-        if self.price.per_request is not None:
-            return self.amount
-        tokens = usage_tokens(usage)
-        if tokens is None:
-            if output_served is None:
-                return self.amount
-            tokens = (self.plan.input_tokens, output_served)
-        return min(self.amount, self.price.tokens_cost(*tokens))
+        return max(self.reservation.credits_remaining + self.amount - charged, 0)
 
 
 def credit_headers(charged: int, remaining: int | None, threshold: int) -> dict[str, str]:
@@ -106,45 +95,43 @@ class Meter:
     async def hold(
         self,
         user_id: str,
-        operation: str,
-        price: Price,
-        body: dict[str, Any],
+        quote: Quote,
         *,
         idempotency_key: str | None = None,
         create_missing_user: bool = False,
-    ) -> tuple[Hold, bool]:
-        """Holds the request's price. Returns the hold and whether `body` was changed (its output cap
-        lowered so the cost fits the hold). Raises InsufficientCredits (402) when not even the input
-        is covered, ServiceUnavailable when credits cannot be reached."""
-        first = plan(price, operation, body)
-        assert first is not None
+    ) -> Hold:
+        """Holds the request's largest cost. A token-priced chat whose largest cost the balance cannot
+        cover is held for what the balance allows, its output cap lowered to fit (`hold.quote`).
+        Raises InsufficientCredits (402) when not even the input is covered, ServiceUnavailable when
+        credits cannot be reached."""
+        amount = quote.largest
         if self.redis_holds is not None and idempotency_key is None:
-            placed = await self.redis_holds.place(user_id, first.reserve)
+            placed = await self.redis_holds.place(user_id, amount)
             if placed is None and user_id in self._settling:
-                placed = await self._after_settlements(user_id, first.reserve)
+                placed = await self._after_settlements(user_id, amount)
             if placed is not None:
                 HOLDS_PLACED_IN_REDIS.inc()
                 reservation = Reservation(placed.reservation_id, placed.amount, placed.available)
-                hold = Hold(user_id, operation, price, first, reservation)
+                hold = Hold(user_id, quote, reservation)
                 hold.recorded = self.settlements.record(placed)
-                return hold, self._cap(body, first)
+                return hold
         HOLDS_PLACED_OVER_HTTP.inc()
         try:
             try:
-                reservation = await self.credits.reserve(user_id, first.reserve, idempotency_key)
-                chosen = first
+                reservation = await self.credits.reserve(user_id, amount, idempotency_key)
+                chosen = quote
             except DownstreamError as exc:
                 if exc.status_code == 404 and create_missing_user:
                     await self.credits.ensure_user(user_id)
-                    reservation = await self.credits.reserve(user_id, first.reserve, idempotency_key)
-                    chosen = first
-                elif exc.status_code == 402 and price.per_token:
+                    reservation = await self.credits.reserve(user_id, amount, idempotency_key)
+                    chosen = quote
+                elif exc.status_code == 402 and quote.price.per_token:
                     # Hold what the balance allows and shorten the output to fit it.
                     available = int((await self.credits.account(user_id))["credits_remaining"])
-                    fitted = plan(price, operation, body, available)
+                    fitted = quote.fitted(available) if available > 0 else None
                     if fitted is None:
                         raise InsufficientCredits() from None
-                    reservation = await self.credits.reserve(user_id, fitted.reserve, idempotency_key)
+                    reservation = await self.credits.reserve(user_id, fitted.largest, idempotency_key)
                     chosen = fitted
                 else:
                     raise
@@ -153,7 +140,7 @@ class Meter:
                 REQUESTS_REFUSED.labels("insufficient_credits").inc()
                 raise InsufficientCredits() from None
             raise
-        return Hold(user_id, operation, price, chosen, reservation), self._cap(body, chosen)
+        return Hold(user_id, chosen, reservation)
 
     async def _after_settlements(self, user_id: str, amount: int) -> PlacedHold | None:
         """Places the hold again once the user's earlier settlements have reached credits.
@@ -176,22 +163,14 @@ class Meter:
                 self._hurried[user_id] -= 1
         return await self.redis_holds.place(user_id, amount)
 
-    @staticmethod
-    def _cap(body: dict[str, Any], chosen: Plan) -> bool:
-        """Lowers the body's output cap to what the plan holds for; True if the body changed."""
-        if chosen.max_output_tokens is None:
-            return False
-        apply_output_cap(body, chosen.max_output_tokens)
-        return True
-
     # --- settling ---
 
-    def settle_later(self, hold: Hold, charged: int) -> None:
-        """Commits `charged` (or releases when 0) in the background, after the response is sent."""
+    def settle_later(self, hold: Hold, charge: Charge | None) -> None:
+        """Commits `charge` (or releases when None or free) in the background, after the response is sent."""
         if hold.settled:
             return
         hold.settled = True
-        self._track(hold.user_id, asyncio.get_running_loop().create_task(self._settle(hold, charged)))
+        self._track(hold.user_id, asyncio.get_running_loop().create_task(self._settle(hold, charge)))
 
     def _track(self, user_id: str, task: asyncio.Task[Any]) -> None:
         self._tasks.add(task)
@@ -211,7 +190,7 @@ class Meter:
         if hold.settled:
             return None
         hold.settled = True
-        task = asyncio.get_running_loop().create_task(self._settle(hold, 0, urgent=True))
+        task = asyncio.get_running_loop().create_task(self._settle(hold, None, urgent=True))
         self._track(hold.user_id, task)
         try:
             result: int | None = await asyncio.shield(task)
@@ -221,9 +200,12 @@ class Meter:
         except Exception:
             return None
 
-    async def _settle(self, hold: Hold, charged: int, *, urgent: bool = False) -> Any:
+    async def _settle(self, hold: Hold, charge: Charge | None, *, urgent: bool = False) -> Any:
         """Sends the settlement with the next batch (retried there while credits is unreachable).
-        Urgent: the caller waits for the answer, so neither the record nor the settlement lingers."""
+        A charge above the hold commits the hold and asks credits for the rest as `overage` (taken
+        from what the balance has, the remainder owed). Urgent: the caller waits for the answer, so
+        neither the record nor the settlement lingers."""
+        charged = charge.credits if charge is not None else 0
         action = "commit" if charged > 0 else "release"
         rid = hold.reservation.reservation_id
         if urgent and hold.recorded is not None and not hold.recorded.done():
@@ -232,7 +214,17 @@ class Meter:
             return None
         try:
             urgent = urgent or hold.user_id in self._hurried
-            result = await self.settlements.submit(rid, charged, urgent=urgent)
+            if charge is not None and charged > 0:
+                overage = max(charged - hold.amount, 0)
+                result = await self.settlements.submit(
+                    rid,
+                    charged - overage,
+                    urgent=urgent,
+                    overage=overage,
+                    details=hold.quote.details(charge),
+                )
+            else:
+                result = await self.settlements.submit(rid, 0, urgent=urgent)
         except ServiceUnavailable:
             pass
         except AppError as exc:

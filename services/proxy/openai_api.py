@@ -4,7 +4,6 @@ bytes, answer with upstream's bytes, settle the hold after the answer is out."""
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -42,26 +41,6 @@ def _error(exc: AppError, charged: int, remaining: int | None, threshold: int) -
     return Response(
         orjson.dumps(exc.body()), status_code=exc.status_code, headers=headers, media_type=_JSON_CT
     )
-
-
-async def _client_gone(request: Request) -> bool:
-    """Whether the client has disconnected, without waiting for anything.
-
-    Starlette's `is_disconnected` asks the same with an anyio cancel scope, which the proxy's profile
-    showed at several percent of its CPU per request. Here the receive coroutine runs up to its
-    first suspension: once the body is read, the only message left to arrive is the disconnect, so a
-    receive that would have to wait means the client is still there, and it is closed unfinished.
-    """
-    pending = request.receive()
-    if not inspect.iscoroutine(pending):
-        return await request.is_disconnected()
-    try:
-        pending.send(None)
-    except StopIteration as done:
-        message = done.value or {}
-        return bool(message.get("type") == "http.disconnect")
-    pending.close()
-    return False
 
 
 async def _caller(proxy: Proxy, request: Request) -> Caller:
@@ -118,59 +97,61 @@ async def _metered(request: Request, operation: str) -> Response:
         body = loads_object(raw)
         if body is None:
             raise InvalidRequest("The request body must be a JSON object.")
-        model = body.get("model")
-        price = proxy.pricing.price(model if isinstance(model, str) else None)
-        stream = operation == "chat.completions" and body.get("stream") is True
-        if stream and price.per_token:
-            stream_options = body.get("stream_options")
-            if not (isinstance(stream_options, dict) and stream_options.get("include_usage") is True):
-                # Ask for the usage chunk to price the stream; it is not forwarded to this client.
-                body["stream_options"] = {**(stream_options or {}), "include_usage": True}
-                client_wants_usage = False
-                changed = True
-            else:
-                client_wants_usage = True
-                changed = False
-        else:
-            client_wants_usage = True
-            changed = False
-        hold, capped = await proxy.meter.hold(
-            caller.user_id, operation, price, body, create_missing_user=caller.kind is CallerKind.INTERNAL
+        quote = proxy.pricing.quote(operation, body, raw)
+        hold = await proxy.meter.hold(
+            caller.user_id, quote, create_missing_user=caller.kind is CallerKind.INTERNAL
         )
     except AppError as exc:
         return _error(exc, 0, await proxy.meter.balance(caller.user_id), threshold)
-    if changed or capped:
-        raw = orjson.dumps(body)
-    if stream:
-        return await _stream(proxy, request, hold, raw, client_wants_usage)
+    forward = hold.quote.forward()
+    if hold.quote.stream:
+        return await _stream(proxy, hold, forward)
+    # Once forwarded, the request is charged even if its client leaves (CONTRACT §6.2); the upstream
+    # call is then cancelled, so the operator stops paying for it. The only message left to receive
+    # is the disconnect: a watcher waits for it and cancels this task.
+    task = asyncio.current_task()
+    assert task is not None
+    client_gone = False
+    receive = request.receive
+
+    async def watch() -> None:
+        nonlocal client_gone
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        client_gone = True
+        task.cancel()
+
+    watcher = asyncio.get_running_loop().create_task(watch())
     try:
-        upstream = await proxy.upstream.call(operation, raw)
+        upstream = await proxy.upstream.call(operation, forward)
     except AppError as exc:
         return _error(exc, 0, await proxy.meter.release_now(hold), threshold)
+    except asyncio.CancelledError:
+        if not client_gone:
+            await proxy.meter.release_now(hold)
+            raise
+        task.uncancel()
+        UPSTREAM_ERRORS.labels(operation, "client_gone").inc()
+        # What the cancelled call cost upstream is unknown: the hold, the most the caller agreed to.
+        proxy.meter.settle_later(hold, hold.quote.charge(None))
+        return Response(status_code=499)
     except BaseException:
         await proxy.meter.release_now(hold)
         raise
-    if price.per_token:
-        parsed = loads_object(upstream.body)
-        charged = hold.cost_from_usage(parsed.get("usage") if parsed else None)
-    else:
-        charged = hold.amount
-    if await _client_gone(request):
-        # Nobody will read the answer: the request was not served.
-        await proxy.meter.release_now(hold)
-        return Response(status_code=499)
-    proxy.meter.settle_later(hold, charged)
+    finally:
+        watcher.cancel()
+    parsed = loads_object(upstream.body)
+    charge = hold.quote.charge(parsed.get("usage") if parsed else None)
+    proxy.meter.settle_later(hold, charge)
     content_type = upstream.header(b"content-type")
     return Response(
         upstream.body,
-        headers=credit_headers(charged, hold.remaining_after(charged), threshold),
+        headers=credit_headers(charge.credits, hold.remaining_after(charge.credits), threshold),
         media_type=content_type.decode("latin-1") if content_type else _JSON_CT,
     )
 
 
-async def _stream(
-    proxy: Proxy, request: Request, hold: Hold, raw: bytes, client_wants_usage: bool
-) -> Response:
+async def _stream(proxy: Proxy, hold: Hold, raw: bytes) -> Response:
     threshold = proxy.meter.threshold
     try:
         call = await proxy.upstream.open_stream(hold.operation, raw)
@@ -179,7 +160,7 @@ async def _stream(
     except BaseException:
         await proxy.meter.release_now(hold)
         raise
-    return SseRelay(proxy, hold, call, client_wants_usage)
+    return SseRelay(proxy, hold, call)
 
 
 _DONE = b"data: [DONE]"
@@ -190,16 +171,18 @@ class SseRelay(Response):
 
     Output is counted per content-bearing event (OpenAI streams about one token per event) and,
     when upstream sends it, replaced by the exact `usage`. Whatever ends the stream (completion, an
-    upstream drop or stall, the client going away, cancellation), the hold settles at the cost of
-    what was forwarded: the full price for a per-request model once any content went out, nothing if
-    none did.
+    upstream drop or stall, the client going away or stalling, cancellation), the hold settles at the
+    cost of what was forwarded: the full price for a per-request model. Only an upstream that fails
+    before any output makes it free. A client that leaves, or stops reading for longer than
+    `CLIENT_STALL_SECONDS`, is cut off and the upstream call closed.
     """
 
-    def __init__(self, proxy: Proxy, hold: Hold, call: StreamingCall, client_wants_usage: bool) -> None:
+    def __init__(self, proxy: Proxy, hold: Hold, call: StreamingCall) -> None:
         self.proxy = proxy
         self.hold = hold
         self.call = call
-        self.client_wants_usage = client_wants_usage
+        self.client_wants_usage = hold.quote.client_wants_usage
+        self.stall_seconds = proxy.settings.client_stall_seconds
         self.status_code = 200
         self.background = None
         charged_header = hold.amount
@@ -274,8 +257,17 @@ class SseRelay(Response):
                 *events, pending = pending.split(b"\n\n")
                 out = [e + b"\n\n" for e in events if e and self._scan(e)]
                 if out:
-                    await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
-            if not self.completed:
+                    try:
+                        async with asyncio.timeout(self.stall_seconds):
+                            await send(
+                                {"type": "http.response.body", "body": b"".join(out), "more_body": True}
+                            )
+                    except TimeoutError:
+                        # The client stopped reading (TCP back-pressure): cut it off.
+                        UPSTREAM_ERRORS.labels(self.hold.operation, "client_stalled").inc()
+                        client_gone = True
+                        break
+            if not self.completed and not client_gone:
                 upstream_failed = True
         except (TransportError, TimeoutError) as exc:
             upstream_failed = True
@@ -288,9 +280,10 @@ class SseRelay(Response):
         finally:
             watcher.cancel()
             await self.call.__aexit__(None, None, None)
-            served = self.output_events > 0 or (self.completed and not upstream_failed)
-            charged = self.hold.cost_from_usage(self.usage, self.output_events) if served else 0
-            self.proxy.meter.settle_later(self.hold, charged)
+            # Charged once forwarded, unless the upstream failed before any output.
+            served = client_gone or self.output_events > 0 or (self.completed and not upstream_failed)
+            charge = self.hold.quote.charge(self.usage, self.output_events) if served else None
+            self.proxy.meter.settle_later(self.hold, charge)
         if upstream_failed and not client_gone:
             error = UpstreamError("The upstream AI provider ended the stream early.")
             # OpenAI's own way to fail a stream that has begun; the SDKs raise it as an APIError.

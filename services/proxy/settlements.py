@@ -72,13 +72,28 @@ class SettlementBatcher:
         self._closed = False
 
     def submit(
-        self, reservation_id: str, charged: int, *, urgent: bool = False
+        self,
+        reservation_id: str,
+        charged: int,
+        *,
+        urgent: bool = False,
+        overage: int = 0,
+        details: dict[str, Any] | None = None,
     ) -> asyncio.Future[dict[str, Any]]:
-        """Queues a commit of `charged` (a release when 0); the future gets credits' answer for it
-        (the body the single endpoint returns), or the error it refused with. Urgent: someone waits
-        for the answer, so the batch leaves without lingering."""
+        """Queues a commit of `charged` (a release when 0), plus `overage` credits beyond the hold and
+        the usage `details` of the ledger entry; the future gets credits' answer for it (the body the
+        single endpoint returns), or the error it refused with. Urgent: someone waits for the answer,
+        so the batch leaves without lingering."""
         if charged > 0:
-            payload = {"reservation_id": reservation_id, "action": "commit", "amount": charged}
+            payload: dict[str, Any] = {
+                "reservation_id": reservation_id,
+                "action": "commit",
+                "amount": charged,
+            }
+            if overage > 0:
+                payload["overage"] = overage
+            if details is not None:
+                payload["details"] = details
         else:
             payload = {"reservation_id": reservation_id, "action": "release"}
         future = self._queue(reservation_id, payload)

@@ -21,7 +21,7 @@ import asyncio
 import hashlib
 import logging
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from urllib.parse import quote as url_quote
 
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
@@ -34,7 +34,7 @@ from shared.redis_client import AnyRedis
 
 from .downstream import DownstreamError
 from .metrics import CREDITS_CHARGED, JOBS
-from .pricing import Price
+from .pricing import Quote
 from .upstream import loads_object
 
 if TYPE_CHECKING:
@@ -144,7 +144,7 @@ class Worker:
             )
             await self.publisher.send_to_queue(message.reply_to, reply)
 
-    async def _hold(self, job: AiJobRequest, price: Price, body: dict[str, Any]) -> Hold:
+    async def _hold(self, job: AiJobRequest, quote: Quote) -> Hold:
         """Holds the job's price idempotently. A reservation found by the job's key that has already
         ended unserved (a delivery that released its hold, then died before acknowledging) cannot be
         committed: serving the job on it would be free. The job is then held anew under a key derived
@@ -152,16 +152,14 @@ class Worker:
         proxy = self.proxy
         after: str | None = None
         for _ in range(MAX_ENDED_HOLDS):
-            hold, _ = await proxy.meter.hold(
+            hold = await proxy.meter.hold(
                 job.user_id,
-                job.operation,
-                price,
-                body,
+                quote,
                 idempotency_key=job_key(job.job_id, after),
                 create_missing_user=True,
             )
             rid = hold.reservation.reservation_id
-            found = await proxy.credits.json(b"GET", f"/v1/reservations/{quote(rid, safe='')}")
+            found = await proxy.credits.json(b"GET", f"/v1/reservations/{url_quote(rid, safe='')}")
             if found.get("status") in ("held", "committed"):
                 return hold
             hold.settled = True  # ended at credits already: nothing to release
@@ -175,8 +173,6 @@ class Worker:
             # A job's answer is one message: never a stream.
             body.pop("stream", None)
             body.pop("stream_options", None)
-        model = body.get("model")
-        price = proxy.pricing.price(model if isinstance(model, str) else None)
 
         def failed(code: str, message: str, charged: int = 0) -> AiJobFailed:
             return AiJobFailed(
@@ -187,12 +183,14 @@ class Worker:
             )
 
         try:
-            hold = await self._hold(job, price, body)
+            quote = proxy.pricing.quote(job.operation, body, b"")
+            quote.changed = True  # the job's request is a parsed object: always serialised
+            hold = await self._hold(job, quote)
         except ServiceUnavailable:
             raise  # requeued: credits is down; a hold placed meanwhile is found again by its key
         except AppError as exc:
             return failed(exc.code, exc.message)
-        raw = orjson.dumps(body)
+        raw = hold.quote.forward()
         attempts = max(1, self.settings.worker_max_attempts)
         last: AppError | None = None
         for attempt in range(attempts):
@@ -221,11 +219,18 @@ class Worker:
             assert last is not None
             return failed(last.code, f"{last.message} (after {attempts} attempts)")
         result = loads_object(response.body) or {}
-        charged = hold.cost_from_usage(result.get("usage"))
+        charge = hold.quote.charge(result.get("usage"))
+        charged = charge.credits
         hold.settled = True
         try:
-            committed = await proxy.credits.commit(hold.reservation.reservation_id, charged)
-            charged = int(committed.get("charged", charged))
+            overage = max(charged - hold.amount, 0)
+            committed = await proxy.credits.commit(
+                hold.reservation.reservation_id,
+                charged - overage,
+                overage=overage,
+                details=hold.quote.details(charge),
+            )
+            charged = int(committed.get("charged", charged)) + int(committed.get("overage", 0))
             CREDITS_CHARGED.labels(job.operation).inc(charged)
         except DownstreamError as exc:
             # Released or expired meanwhile (e.g. an earlier delivery gave up): served, not charged.

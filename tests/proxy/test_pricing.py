@@ -4,7 +4,9 @@ in test_charging.py)."""
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Any
 
+import orjson
 import pytest
 
 from services.proxy.pricing import (
@@ -12,9 +14,9 @@ from services.proxy.pricing import (
     Price,
     PricingError,
     PricingTable,
+    Quote,
     apply_output_cap,
     estimate_input_tokens,
-    plan,
 )
 
 CONTRACT_EXAMPLE = """
@@ -48,6 +50,9 @@ def test_contract_example(tmp_path) -> None:  # type: ignore[no-untyped-def]
         "default: {per_request: -1}",
         "models: {m: {per_1k_input_tokens: 1}}",
         "models: {m: {per_request: 1, max_reserve: 3}}",
+        "models: {m: {per_request: 1, max_output_tokens: 0}}",
+        "models: {m: {per_request: 1, upstream_usd: {per_token: 1}}}",
+        "models: {m: {per_request: 1, upstream_usd: 3}}",
         "models: {m: {per_1k_input_tokens: 1, max_reserve: 0}}",
         "models: {m: {per_token: 1}}",
         "prices: {}",
@@ -75,35 +80,40 @@ def test_token_costs_round_up_to_whole_credits() -> None:
     assert fractional.tokens_cost(10000, 0) == 2  # exactly 1.5 → 2, with no float error
 
 
-def test_plan_holds_max_reserve_and_caps_output_to_it() -> None:
+def quote(price: Price, operation: str, body: dict[str, Any]) -> Quote:
+    return PricingTable(default=price).quote(operation, body, orjson.dumps(body))
+
+
+def test_quote_holds_max_reserve_and_caps_output_to_it() -> None:
     price = Price(per_1k_input_tokens=Decimal(2), per_1k_output_tokens=Decimal(8), max_reserve=40)
     body = {"messages": [{"role": "user", "content": "hello"}]}
-    held = plan(price, "chat.completions", body)
-    assert held is not None and held.reserve == 40
+    held = quote(price, "chat.completions", body)
+    assert held.largest == 40
     tokens = estimate_input_tokens("chat.completions", body)
     assert held.input_tokens == tokens
     # 40 credits = 40,000 milli-credits; input takes 2 per token, output 8 per token.
-    assert held.max_output_tokens == (40_000 - 2 * tokens) // 8
+    assert held.output_cap == (40_000 - 2 * tokens) // 8
 
 
-def test_plan_with_small_balance_lowers_the_cap_and_refuses_when_input_is_not_covered() -> None:
+def test_quote_fitted_to_a_small_balance_lowers_the_cap_and_refuses_when_input_is_not_covered() -> None:
     price = Price(per_1k_input_tokens=Decimal(2), per_1k_output_tokens=Decimal(8), max_reserve=40)
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10_000}
     tokens = estimate_input_tokens("chat.completions", body)
-    fitted = plan(price, "chat.completions", body, available=3)
-    assert fitted is not None and fitted.reserve == 3
-    assert fitted.max_output_tokens == (3_000 - 2 * tokens) // 8
+    fitted = quote(price, "chat.completions", body).fitted(3)
+    assert fitted is not None and fitted.largest == 3
+    assert fitted.output_cap == (3_000 - 2 * tokens) // 8
     huge_input = {"messages": [{"role": "user", "content": "word " * 3000}]}
-    assert plan(price, "chat.completions", huge_input, available=1) is None
+    assert quote(price, "chat.completions", huge_input).fitted(1) is None
 
 
-def test_plan_holds_only_what_a_small_max_tokens_needs() -> None:
+def test_quote_holds_only_what_a_small_max_tokens_needs() -> None:
     price = Price(per_1k_input_tokens=Decimal(2), per_1k_output_tokens=Decimal(8), max_reserve=40)
     body = {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 100}
-    held = plan(price, "chat.completions", body)
-    assert held is not None
-    assert held.reserve == price.tokens_cost(held.input_tokens, 100) == 1
-    assert held.max_output_tokens is None
+    held = quote(price, "chat.completions", body)
+    assert held.largest == price.tokens_cost(held.input_tokens, 100) == 1
+    assert held.output_cap is None
+    raw = orjson.dumps(body)
+    assert held.forward() is held.raw == raw  # nothing to change: the client's bytes go upstream
 
 
 def test_output_cap_goes_into_the_field_the_client_used() -> None:
@@ -118,25 +128,80 @@ def test_output_cap_goes_into_the_field_the_client_used() -> None:
     assert neither == {"max_completion_tokens": 20}
 
 
-def test_per_request_plan_refuses_when_unaffordable() -> None:
+def test_per_request_quote_is_refused_when_unaffordable_and_multiplied_by_n() -> None:
     price = Price(per_request=5)
-    assert plan(price, "images.generations", {}, available=4) is None
-    held = plan(price, "images.generations", {})
-    assert held is not None and held.reserve == 5
+    assert quote(price, "images.generations", {}).fitted(4) is None
+    assert quote(price, "images.generations", {}).largest == 5
+    assert quote(price, "images.generations", {"n": 3}).largest == 15
+    assert quote(price, "chat.completions", {"n": 4}).largest == 20
 
 
-def test_token_priced_charge_from_usage_or_else_the_hold() -> None:
-    from services.proxy.downstream import Reservation
-    from services.proxy.metering import Hold
-
+def test_token_priced_charge_follows_usage_beyond_the_hold_or_else_the_estimate() -> None:
     price = Price(per_1k_input_tokens=Decimal(1000), per_1k_output_tokens=Decimal(1000), max_reserve=40)
     body = {"model": "m", "messages": [{"role": "user", "content": "one two three"}], "max_tokens": 10}
-    chosen = plan(price, "chat.completions", body)
-    assert chosen is not None
-    hold = Hold("u", "chat.completions", price, chosen, Reservation("r", chosen.reserve, 100))
-    # usage present: exactly its tokens (one credit per token here)
-    assert hold.cost_from_usage({"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}) == 7
+    chosen = quote(price, "chat.completions", body)
+    # usage present: exactly its tokens (one credit per token here), even beyond the hold
+    assert chosen.charge({"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}).credits == 7
+    assert chosen.charge({"prompt_tokens": 300, "completion_tokens": 4}).credits == 304 > chosen.largest
     # a stream without usage: the input estimate plus what was relayed
-    assert hold.cost_from_usage(None, output_served=2) == chosen.input_tokens + 2
+    assert chosen.charge(None, output_served=2).credits == chosen.input_tokens + 2
     # a complete answer without usage: its output was never counted, so it costs the hold
-    assert hold.cost_from_usage(None) == chosen.reserve
+    assert chosen.charge(None).credits == chosen.largest
+
+
+def test_every_billed_chat_input_counts_and_a_deep_schema_cannot_crash_the_estimate() -> None:
+    plain = {"messages": [{"role": "user", "content": "hi"}]}
+    base = estimate_input_tokens("chat.completions", plain)
+    words = "alpha " * 3000
+    for extra in (
+        {"tools": [{"type": "function", "function": {"name": "f", "description": words}}]},
+        {"functions": [{"name": "f", "description": words}]},
+        {"response_format": {"type": "json_schema", "json_schema": {"schema": {"description": words}}}},
+    ):
+        assert estimate_input_tokens("chat.completions", {**plain, **extra}) >= base + 3000
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": words}}
+    with_call = {"messages": [*plain["messages"], {"role": "assistant", "tool_calls": [call]}]}
+    assert estimate_input_tokens("chat.completions", with_call) >= base + 3000
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 100_000}}
+    with_images = {"messages": [{"role": "user", "content": [image] * 3}]}
+    # An image counts as an image, not as the bytes of its data URL.
+    assert estimate_input_tokens("chat.completions", with_images, image_tokens=1000) == 4 + 3000
+    deep: Any = "leaf"
+    for _ in range(5000):
+        deep = {"a": deep}
+    assert estimate_input_tokens("chat.completions", {**plain, "response_format": deep}) > base
+
+
+def test_pricing_entries_with_output_caps_and_upstream_costs() -> None:
+    table = PricingTable.from_mapping(
+        {
+            "default": {"per_request": 1, "max_output_tokens": 64},
+            "models": {
+                "m": {
+                    "per_1k_input_tokens": 2,
+                    "per_1k_output_tokens": 8,
+                    "max_reserve": 40,
+                    "upstream_usd": {"per_1k_input_tokens": 0.15, "per_1k_output_tokens": 0.6},
+                },
+                "img": {"per_request": 5, "upstream_usd": {"per_request": 0.04}},
+            },
+        }
+    )
+    body = {"model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000}
+    q = table.quote("chat.completions", body, orjson.dumps(body))
+    assert q.output_cap == 64 and orjson.loads(q.forward())["max_tokens"] == 64
+    assert q.details(q.charge(None)) == {
+        "operation": "chat.completions",
+        "model": "x",
+        "input_tokens": None,
+        "output_tokens": None,
+        "upstream_cost_usd": None,
+    }
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    q = table.quote("chat.completions", body, orjson.dumps(body))
+    charge = q.charge({"prompt_tokens": 1000, "completion_tokens": 2000})
+    assert charge.credits == 2 + 16
+    assert q.details(charge)["upstream_cost_usd"] == pytest.approx(0.15 + 1.2)
+    body = {"model": "img", "prompt": "p", "n": 2}
+    q = table.quote("images.generations", body, orjson.dumps(body))
+    assert q.largest == 10 and q.charge(None).upstream_cost_usd == pytest.approx(0.08)

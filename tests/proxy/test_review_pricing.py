@@ -4,31 +4,38 @@ covers n times the output cap, so the charge (never more than the hold) is the r
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Any
 
-from services.proxy.pricing import Price, plan
+import orjson
+import pytest
+
+from services.proxy.pricing import Price, PricingTable, Quote
+from shared.errors import InvalidRequest
 from tests.proxy.conftest import Credits
 
 PER_TOKEN = Price(per_1k_input_tokens=Decimal(1000), per_1k_output_tokens=Decimal(1000), max_reserve=100)
 
 
-def test_plan_holds_the_output_of_every_choice() -> None:
-    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 20, "n": 4}
-    held = plan(PER_TOKEN, "chat.completions", body)
-    assert held is not None
+def quote(body: dict[str, Any]) -> Quote:
+    return PricingTable(default=PER_TOKEN).quote("chat.completions", body, orjson.dumps(body))
+
+
+def test_quote_holds_the_output_of_every_choice() -> None:
+    held = quote({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 20, "n": 4})
     # 5 estimated input tokens ("hi" + 4 of framing) and 4 choices of at most 20 tokens each.
-    assert held.reserve == 5 + 4 * 20 and held.max_output_tokens is None
+    assert held.largest == 5 + 4 * 20 and held.output_cap is None
 
 
-def test_plan_caps_each_choice_so_all_of_them_fit_the_hold() -> None:
+def test_quote_caps_each_choice_so_all_of_them_fit_the_hold() -> None:
     body = {"messages": [{"role": "user", "content": "hi"}], "n": 5}
-    held = plan(PER_TOKEN, "chat.completions", body)
-    assert held is not None and held.reserve == 100
-    assert held.max_output_tokens is not None
-    assert PER_TOKEN.tokens_cost(held.input_tokens, 5 * held.max_output_tokens) <= held.reserve
-    # A bool or a nonsense n is one choice.
-    for n in (True, 0, -3, "4"):
-        one = plan(PER_TOKEN, "chat.completions", {**body, "n": n})
-        assert one is not None and one.max_output_tokens == 95
+    held = quote(body)
+    assert held.largest == 100
+    assert held.output_cap is not None
+    assert PER_TOKEN.tokens_cost(held.input_tokens, 5 * held.output_cap) <= held.largest
+    # A bool or a nonsense n is refused (400), not guessed at.
+    for n in (True, 0, -3, "4", 129):
+        with pytest.raises(InvalidRequest):
+            quote({**body, "n": n})
 
 
 async def test_n_choices_are_charged_at_their_real_token_cost(proxy, sdk, credits: Credits) -> None:  # type: ignore[no-untyped-def]

@@ -139,6 +139,8 @@ class Stats:
         self.by_model: Counter[str] = Counter()
         self.by_status: Counter[int] = Counter()
         self.streams: Counter[str] = Counter()
+        # Non-streamed requests whose client left before the answer (during latency or a hang).
+        self.cancelled = 0
         self.recent: deque[dict[str, Any]] = deque(maxlen=50)
 
     def snapshot(self) -> dict[str, Any]:
@@ -150,6 +152,7 @@ class Stats:
             "streams": {
                 k: self.streams[k] for k in ("started", "completed", "dropped", "stalled", "disconnected")
             },
+            "cancelled": self.cancelled,
             "recent": list(self.recent),
         }
 
@@ -337,9 +340,17 @@ class StandinApp:
     async def _before_response(self, receive: Receive, send: Send, knobs: Knobs) -> bool:
         """Apply latency, hang and injected failures; False when the response has been handled."""
         if knobs.latency_s > 0:
-            await asyncio.sleep(knobs.latency_s)
+            # Watched, so a test can see that a gateway cancelled the call when its client left.
+            watcher = asyncio.ensure_future(_disconnected(receive))
+            done, _ = await asyncio.wait((watcher,), timeout=knobs.latency_s)
+            watcher.cancel()
+            if done:
+                self.stats.cancelled += 1
+                raise ClientGone
         if knobs.timeout:
-            if not await self._hold(asyncio.ensure_future(_disconnected(receive))):
+            if await self._hold(asyncio.ensure_future(_disconnected(receive))):
+                self.stats.cancelled += 1
+            else:
                 body = RequestError(
                     504,
                     "The stand-in held this request until its hang time ran out or it shut down.",
@@ -443,7 +454,7 @@ class StandinApp:
         if max_tokens is not None and len(words) > max_tokens:
             words = words[:max_tokens]
             finish_reason = "length"
-        prompt_tokens = content.prompt_tokens(messages)
+        prompt_tokens = content.prompt_tokens(messages, body) + knobs.bill_tokens
         usage = _usage(prompt_tokens, len(words) * n)
         completion_id = f"chatcmpl-{self._next_id()}"
         created = int(time.time())

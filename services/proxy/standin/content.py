@@ -1,8 +1,10 @@
 """Deterministic fake model output.
 
 A token is a whitespace-separated word, so tests can predict usage exactly:
-``prompt_tokens`` is the number of words in all text content of the request's messages,
-``completion_tokens`` the number of words in the reply, ``total_tokens`` their sum.
+``prompt_tokens`` is the number of words in every billed input of a chat request (text content of
+the messages, their tool calls, ``tools``/``functions`` and ``response_format``, as JSON text) plus
+``IMAGE_TOKENS`` per image part, ``completion_tokens`` the number of words in the reply,
+``total_tokens`` their sum.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import random
 import struct
 from functools import lru_cache
 from typing import Any
+
+import orjson
 
 REPLY_PREFIX = ("Stand-in", "reply:")
 EMBEDDING_DIMENSIONS = {"text-embedding-3-large": 3072}
@@ -37,8 +41,36 @@ def message_text(content: Any) -> str:
     return ""
 
 
-def prompt_tokens(messages: list[dict[str, Any]]) -> int:
-    return sum(count_tokens(message_text(m.get("content"))) for m in messages)
+# What one image part of a message costs, as OpenAI's high detail bills a 512 px tile plus its base.
+IMAGE_TOKENS = 255
+
+
+def _image_parts(content: Any) -> int:
+    if not isinstance(content, list):
+        return 0
+    return sum(1 for part in content if isinstance(part, dict) and part.get("type") == "image_url")
+
+
+def prompt_tokens(messages: list[dict[str, Any]], body: dict[str, Any] | None = None) -> int:
+    tokens = 0
+    for m in messages:
+        tokens += count_tokens(message_text(m.get("content"))) + IMAGE_TOKENS * _image_parts(m.get("content"))
+        if m.get("tool_calls") is not None:
+            tokens += count_tokens(json_text(m["tool_calls"]))
+    if body is not None:
+        for field in ("tools", "functions", "response_format"):
+            if body.get(field) is not None:
+                tokens += count_tokens(json_text(body[field]))
+    return tokens
+
+
+def json_text(value: Any) -> str:
+    """A JSON value as text whose words count like its content's (punctuation as separators)."""
+    text = orjson.dumps(value).decode()
+    return text.translate(_JSON_SEPARATORS)
+
+
+_JSON_SEPARATORS = str.maketrans({c: " " for c in '{}[]":,'})
 
 
 def reply_words(messages: list[dict[str, Any]], fixed_length: int | None) -> list[str]:

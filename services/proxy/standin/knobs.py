@@ -13,11 +13,13 @@ Headers (case-insensitive):
 - ``X-Standin-Latency-Ms: N``: delay before the first response byte.
 - ``X-Standin-Chunk-Delay-Ms: N``: delay between stream events.
 - ``X-Standin-Reply-Words: N``: reply with exactly N words (still capped by ``max_tokens``).
+- ``X-Standin-Bill-Tokens: N``: report N more prompt tokens in ``usage`` than the request has (an
+  upstream that bills input the gateway cannot see, e.g. its own system prompt).
 
 Model names starting with ``standin-`` carry the same knobs as dash-separated tokens, which
 combine freely: ``standin-fail-500``, ``standin-fail-429``, ``standin-timeout``, ``standin-drop``,
 ``standin-drop-after-3``, ``standin-stall-after-2``, ``standin-slow-200`` (latency ms),
-``standin-trickle-50`` (chunk delay ms), ``standin-words-100``, e.g.
+``standin-trickle-50`` (chunk delay ms), ``standin-words-100``, ``standin-bill-500``, e.g.
 ``standin-slow-50-words-20-drop-after-5``. The bare name ``standin`` has no knobs. An unknown
 token or header is a 400, so a typo cannot silently turn a failure test into a passing one.
 """
@@ -47,6 +49,7 @@ class Overrides:
     latency_ms: float | None = None
     chunk_delay_ms: float | None = None
     reply_words: int | None = None
+    bill_tokens: int | None = None
 
 
 NO_OVERRIDES = Overrides()
@@ -62,6 +65,7 @@ class Knobs:
     latency_s: float
     chunk_delay_s: float
     reply_words: int | None
+    bill_tokens: int
 
 
 def _count(value: str, what: str) -> int:
@@ -114,10 +118,13 @@ def parse_model(model: str) -> Overrides:
         elif token == "words":
             fields["reply_words"] = _count(arg, "words")
             i += 2
+        elif token == "bill":
+            fields["bill_tokens"] = _count(arg, "bill")
+            i += 2
         else:
             raise KnobError(
                 f"unknown stand-in knob {token!r} in model {model!r}; known: fail-<status>, timeout, "
-                "drop[-after-<n>], stall[-after-<n>], slow-<ms>, trickle-<ms>, words-<n>"
+                "drop[-after-<n>], stall[-after-<n>], slow-<ms>, trickle-<ms>, words-<n>, bill-<n>"
             )
     return Overrides(**fields)  # type: ignore[arg-type]
 
@@ -146,6 +153,8 @@ def parse_headers(headers: dict[bytes, bytes]) -> Overrides:
             fields["chunk_delay_ms"] = float(_count(value, name))
         elif name == "x-standin-reply-words":
             fields["reply_words"] = _count(value, name)
+        elif name == "x-standin-bill-tokens":
+            fields["bill_tokens"] = _count(value, name)
         else:
             raise KnobError(f"unknown stand-in header {name!r}")
     return Overrides(**fields)  # type: ignore[arg-type]
@@ -160,6 +169,7 @@ def resolve(config: StandinConfig, model: Overrides, header: Overrides) -> Knobs
     latency_ms = pick("latency_ms")
     chunk_delay_ms = pick("chunk_delay_ms")
     reply_words = pick("reply_words")
+    bill_tokens = pick("bill_tokens")
     drop_after: int | None = None
     if header.drop or model.drop:
         after = pick("drop_after")
@@ -177,4 +187,5 @@ def resolve(config: StandinConfig, model: Overrides, header: Overrides) -> Knobs
         chunk_delay_s=(chunk_delay_ms if isinstance(chunk_delay_ms, float) else config.stream_chunk_delay_ms)
         / 1000.0,
         reply_words=reply_words if isinstance(reply_words, int) else config.reply_words,
+        bill_tokens=bill_tokens if isinstance(bill_tokens, int) else 0,
     )
