@@ -34,7 +34,7 @@ from .metrics import (
     SETTLEMENT_FAILURES,
 )
 from .pricing import Plan, Price, apply_output_cap, plan, usage_tokens
-from .settlements import SettlementBatcher
+from .settlements import SettlementBatcher, SettlementParked, settlement_item
 
 log = logging.getLogger("proxy.metering")
 
@@ -93,7 +93,11 @@ class Meter:
     ) -> None:
         self.credits = credits
         self.redis_holds = redis_holds
-        self.settlements = SettlementBatcher(credits, linger_seconds=settle_linger_seconds)
+        self.settlements = SettlementBatcher(
+            credits,
+            linger_seconds=settle_linger_seconds,
+            parker=redis_holds.park if redis_holds is not None else None,
+        )
         self.threshold = low_balance_threshold
         self._tasks: set[asyncio.Task[Any]] = set()
         # Each user's settlements still on their way, and the users a request is waiting for
@@ -118,7 +122,9 @@ class Meter:
         is covered, ServiceUnavailable when credits cannot be reached."""
         first = plan(price, operation, body)
         assert first is not None
-        if self.redis_holds is not None and idempotency_key is None:
+        # Not while credits cannot be reached: a hold goes to Redis only if its record can reach
+        # credits within bounded time (the HTTP reserve below then fails: 503).
+        if self.redis_holds is not None and idempotency_key is None and not self.settlements.in_trouble:
             placed = await self.redis_holds.place(user_id, first.reserve)
             if placed is None and user_id in self._settling:
                 placed = await self._after_settlements(user_id, first.reserve)
@@ -148,6 +154,7 @@ class Meter:
                     chosen = fitted
                 else:
                     raise
+            self.settlements.reached()
         except DownstreamError as exc:
             if exc.status_code == 402:
                 REQUESTS_REFUSED.labels("insufficient_credits").inc()
@@ -228,13 +235,22 @@ class Meter:
         rid = hold.reservation.reservation_id
         if urgent and hold.recorded is not None and not hold.recorded.done():
             self.settlements.flush()
-        if hold.recorded is not None and not await self._was_recorded(hold, action):
-            return None
+        if hold.recorded is not None:
+            try:
+                if not await self._was_recorded(hold, action):
+                    return None
+            except SettlementParked:
+                # The record waits in Redis for credits: the settlement goes there too, after it.
+                await self._park(hold, charged)
+                return None
         try:
             urgent = urgent or hold.user_id in self._hurried
-            result = await self.settlements.submit(rid, charged, urgent=urgent)
+            result = await self.settlements.submit(rid, charged, user_id=hold.user_id, urgent=urgent)
+        except SettlementParked:
+            return None
         except ServiceUnavailable:
-            pass
+            if await self._park(hold, charged):
+                return None
         except AppError as exc:
             log.error("%s of reservation %s refused: %s %s", action, rid, exc.status_code, exc.message)
         except Exception:
@@ -256,6 +272,8 @@ class Meter:
         try:
             await hold.recorded
             return True
+        except SettlementParked:
+            raise
         except AppError as exc:
             if exc.status_code in (402, 409):
                 # Lost with a Redis wipe and no longer covered, or past its deadline: credits released
@@ -270,6 +288,18 @@ class Meter:
         log.error("could not record hold %s; it lapses in Redis at its deadline", rid)
         return False
 
+    async def _park(self, hold: Hold, charged: int) -> bool:
+        """Leaves the settlement in credits' Redis for credits to apply; False if that failed too."""
+        if self.redis_holds is None:
+            return False
+        rid = hold.reservation.reservation_id
+        try:
+            await self.redis_holds.park(hold.user_id, [(rid, settlement_item(rid, charged))])
+        except Exception:
+            log.exception("could not park the settlement of %s in Redis", rid)
+            return False
+        return True
+
     async def balance(self, user_id: str) -> int | None:
         """The user's available credits for an error response's headers, if credits answers."""
         try:
@@ -278,6 +308,14 @@ class Meter:
             return None
 
     async def drain(self, timeout: float) -> None:
+        """Settles what is in flight within `timeout`: sent to credits, or (credits unreachable)
+        parked in its Redis; what is left after `timeout` is given up."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        if self._tasks and not self.settlements.in_trouble:
+            await asyncio.wait(set(self._tasks), timeout=timeout / 3)
+        await self.settlements.aclose(max((end - loop.time()) * 2 / 3, 0.1))
         if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=timeout)
-        await self.settlements.aclose()
+            await asyncio.wait(set(self._tasks), timeout=max(end - loop.time(), 0.1))
+        for task in list(self._tasks):
+            task.cancel()
