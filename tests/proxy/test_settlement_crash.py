@@ -123,4 +123,8 @@ async def test_proxy_killed_before_its_settlement_reaches_credits_charges_nothin
             assert item["action"] == "hold"
         else:
             assert item["action"] == "commit"
-        assert (await credits.get(f"/v1/reservations/{rid}")).json()["status"] == "expired"
+
+        async def expired() -> bool:
+            return bool((await credits.get(f"/v1/reservations/{rid}")).json()["status"] == "expired")
+
+        await eventually(expired, timeout=10)
