@@ -170,12 +170,13 @@ class Ledger:
         if running is not None and not (force or if_behind):
             await asyncio.shield(running)
             return
+        # Holds a proxy placed in Redis but could not get recorded here are in the user's pending
+        # hash: into PostgreSQL with them first, or the rebuild would hand their credits back. (Before
+        # this rebuild is registered: applying them may itself need the account loaded.)
+        await self.drain_pending(user_id)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._rebuilds[user_id] = future
         try:
-            # Holds a proxy placed in Redis but could not get recorded here are in the user's pending
-            # hash: into PostgreSQL with them first, or the rebuild would hand their credits back.
-            await self.drain_pending(user_id)
             async with self.engine.begin() as conn:
                 row = await store.get_account(conn, user_id, lock="update")
                 if row is None:
