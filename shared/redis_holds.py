@@ -19,11 +19,13 @@ import hashlib
 import logging
 import time
 import uuid
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+import orjson
 from redis.exceptions import NoScriptError, RedisError
 
 from shared.redis_client import AnyRedis, redis_client
@@ -106,6 +108,29 @@ def user_keys(namespace: str, user_id: str) -> list[str]:
     return [user_key(namespace, user_id, "acct"), user_key(namespace, user_id, "deadlines")]
 
 
+# What a proxy owes credits, kept in credits' Redis beside the holds (see `park` and credits'
+# `Ledger.drain_pending`): one hash per user, in the user's slot, so the script that places a hold
+# writes its record there atomically. Fields: `h:<reservation_id>` the record of a hold placed by a
+# proxy ("<amount> <deadline_ms> <epoch> <kind>", written by reserve.lua, removed by confirm.lua once
+# credits has recorded it), `s:<reservation_id>` a settlement the proxy could not deliver (the JSON
+# item of `POST /v1/reservations/batch`). Users with settlements waiting are listed in sharded sorted
+# sets (member = user id, score = a count bumped per parking), which credits' sweeper walks.
+PENDING_SHARDS = 16
+
+
+def pending_key(namespace: str, user_id: str) -> str:
+    """The user's hash of records and settlements not yet in PostgreSQL (same hash tag as `user_keys`)."""
+    return user_key(namespace, user_id, "pending")
+
+
+def pending_index_key(namespace: str, shard: int) -> str:
+    return f"{namespace}:pending:{{{shard}}}"
+
+
+def pending_shard(user_id: str) -> int:
+    return zlib.crc32(user_id.encode()) % PENDING_SHARDS
+
+
 @dataclass(frozen=True, slots=True)
 class PlacedHold:
     reservation_id: str
@@ -182,12 +207,14 @@ class RedisHolds:
             async with asyncio.timeout(self.answer_timeout_seconds):
                 raw = await self._reserve(
                     self.client,
-                    user_keys(self.namespace, user_id),
+                    # The record goes into the user's pending hash in the same script: what this
+                    # hold is never lives only in this process (see `park`).
+                    [*user_keys(self.namespace, user_id), pending_key(self.namespace, user_id)],
                     # No hold counts as dead here (cut-off 0): a hold past its deadline makes the
                     # scripts drop the account for a rebuild, and that is the credits service's to
                     # judge, by its own clock and grace period. Counted, a dead hold only makes
                     # this path refuse sooner, and the credits service then clears it.
-                    (reservation_id, amount, "", "exact", deadline_ms, 0),
+                    (reservation_id, amount, "", "exact", deadline_ms, 0, "usage"),
                 )
         except (RedisError, OSError, TimeoutError):
             self._skip_until = time.monotonic() + self.retry_after_seconds
@@ -198,6 +225,19 @@ class RedisHolds:
             return None
         epoch = raw[2].decode() if isinstance(raw[2], bytes) else str(raw[2])
         return PlacedHold(reservation_id, user_id, int(raw[3]), int(raw[1]), epoch, deadline_ms)
+
+    async def park(self, user_id: str, items: Sequence[tuple[str, dict[str, Any] | None]]) -> None:
+        """Leaves what this proxy could not deliver to credits in credits' Redis, for credits to
+        apply (`Ledger.drain_pending`): per (reservation_id, settlement item or None). None: only
+        the hold's record, which reserve.lua already wrote there, so the user is just listed. Raises
+        when Redis fails (then the caller keeps the items)."""
+        settlements = {f"s:{rid}": orjson.dumps(item) for rid, item in items if item is not None}
+        index = pending_index_key(self.namespace, pending_shard(user_id))
+        async with asyncio.timeout(self.answer_timeout_seconds):
+            if settlements:
+                await self.client.hset(pending_key(self.namespace, user_id), mapping=settlements)  # type: ignore[arg-type]
+            # Listed after the write: a sweeper that reads the list finds the settlement.
+            await self.client.zincrby(index, 1, user_id)
 
     async def aclose(self) -> None:
         await self.client.aclose()  # type: ignore[attr-defined]  # stubs predate redis-py 5

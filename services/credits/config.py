@@ -23,6 +23,10 @@ class CreditsSettings(DatabaseSettings, RedisSettings):
     # A hold still in Redis this long after its deadline missed its end (its process died): the user's Redis
     # state is then rebuilt from PostgreSQL.
     orphan_grace_seconds: float = 5.0
+    # A settlement a proxy left in Redis (credits unreachable, or the proxy stopping) is applied even
+    # past its hold's deadline; the hold's deadline is first moved this far on, so the sweeper
+    # does not expire it in between.
+    late_settlement_seconds: int = 60
     # Number of deadline sorted sets; each is its own key (and Cluster slot).
     deadline_shards: int = 16
     # Largest group of holds persisted in one PostgreSQL transaction.

@@ -34,7 +34,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.redis_client import AnyRedis, probe
-from shared.redis_holds import LuaScript, user_keys
+from shared.redis_holds import (
+    PENDING_SHARDS,
+    LuaScript,
+    pending_index_key,
+    pending_key,
+    user_keys,
+)
 
 SEPARATOR = "\x1f"  # user ids never contain control characters
 
@@ -83,6 +89,7 @@ class Holds:
         self._load = LuaScript("load.lua")
         self._confirm = LuaScript("confirm.lua", idempotent=True)
         self._view = LuaScript("view.lua")
+        self._unlist = LuaScript("unlist.lua")
 
     def account_key(self, user_id: str) -> str:
         return user_keys(self.namespace, user_id)[0]
@@ -178,7 +185,10 @@ class Holds:
         results = await self._confirm.many(
             self.client,
             [
-                (self.keys(user_id), [rid, amount, key or "", epoch, deadline_ms, "strict" if strict else ""])
+                (
+                    [*self.keys(user_id), self.pending_key(user_id)] if strict else self.keys(user_id),
+                    [rid, amount, key or "", epoch, deadline_ms, "strict" if strict else ""],
+                )
                 for user_id, rid, amount, key, epoch, deadline_ms, strict in items
             ],
         )
@@ -232,3 +242,38 @@ class Holds:
     async def probe(self) -> None:
         """A real key operation (see `shared.redis_client.probe`), for readiness."""
         await probe(self.client, self.namespace)
+
+    # --- what proxies owe, kept beside the holds (see shared/redis_holds.py, Ledger.drain_pending)
+
+    def pending_key(self, user_id: str) -> str:
+        return pending_key(self.namespace, user_id)
+
+    async def pending(self, user_id: str) -> dict[str, str]:
+        """The user's records of holds and settlements not yet in PostgreSQL, by field."""
+        raw = await self.client.hgetall(self.pending_key(user_id))
+        return {_s(k): _s(v) for k, v in raw.items()}
+
+    async def forget_pending(self, user_id: str, fields: Sequence[str]) -> None:
+        if fields:
+            await self.client.hdel(self.pending_key(user_id), *fields)
+
+    async def pending_users(self, shard: int, limit: int = 200) -> list[tuple[str, str]]:
+        """(user_id, score as stored) of users listed with settlements waiting, in one shard."""
+        # Scores kept as Redis prints them, for unlist.lua's comparison.
+        raw = await self.client.zrange(
+            pending_index_key(self.namespace, shard), 0, limit - 1, withscores=True, score_cast_func=_s
+        )
+        return [(_s(member), str(score)) for member, score in raw]
+
+    async def unlist_pending(self, shard: int, user_id: str, score: str) -> bool:
+        return (
+            int(await self._unlist(self.client, [pending_index_key(self.namespace, shard)], [user_id, score]))
+            == 1
+        )
+
+    @property
+    def pending_shards(self) -> int:
+        return PENDING_SHARDS
+
+    async def ping(self) -> None:
+        await self.client.ping()

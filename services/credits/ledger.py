@@ -143,6 +143,7 @@ class Ledger:
         self._rebuilds: dict[str, asyncio.Future[None]] = {}
         self._caught_up_at: dict[str, float] = {}  # user -> monotonic time of the last catch_up look
         self._failed_syncs: set[str] = set()  # users whose Redis sync failed, for the sweeper to rebuild
+        self._draining: set[str] = set()  # users whose pending records this process is applying
 
     async def start(self) -> None:
         self.writer.start()
@@ -172,6 +173,10 @@ class Ledger:
         if running is not None and not (force or if_behind):
             await asyncio.shield(running)
             return
+        # Holds a proxy placed in Redis but could not get recorded here are in the user's pending
+        # hash: into PostgreSQL with them first, or the rebuild would hand their credits back. (Before
+        # this rebuild is registered: applying them may itself need the account loaded.)
+        await self.drain_pending(user_id)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._rebuilds[user_id] = future
         try:
@@ -621,14 +626,19 @@ class Ledger:
         )
         return ReserveResult(reservation, outcome.available)
 
-    async def record_holds(self, placed: Sequence[HoldToRecord]) -> list[Reservation | AppError]:
+    async def record_holds(
+        self, placed: Sequence[HoldToRecord], *, late: bool = False
+    ) -> list[Reservation | AppError]:
         """Records holds placed straight in Redis (by the proxy, with this service's reserve.lua), each
         idempotent by reservation id, through the same group commit as `reserve`. Until recorded such
         a hold lives only in Redis, where it lapses after its deadline if it never gets here.
 
         A hold that is no longer in Redis is refused and recorded as released, so it can never be
         committed: past its deadline (409), never placed, or lost with a Redis wipe when the rebuilt
-        balance no longer covers it (402). Returns, per hold, its reservation or the refusal."""
+        balance no longer covers it (402). Returns, per hold, its reservation or the refusal.
+        `late`: records taken from the user's pending hash (`drain_pending`), where a hold that was
+        still in Redis all along may be past its deadline: it is recorded all the same (and then
+        expires, unless its settlement is applied with it)."""
         if not placed:
             return []
         now = self.clock()
@@ -642,7 +652,7 @@ class Ledger:
             rid = _canonical_uuid(p.reservation_id)
             if p.user_id not in known:
                 return NotFound(f"Unknown user {p.user_id!r}.")
-            if p.deadline_ms <= now_ms:
+            if p.deadline_ms <= now_ms and not late:
                 return Conflict(f"Reservation {rid} expired before it was recorded.")
             if p.deadline_ms > longest_ms:
                 return InvalidRequest("deadline_ms lies beyond the longest reservation TTL.")
@@ -673,6 +683,106 @@ class Ledger:
             return found
 
         return list(await asyncio.gather(*(record(p) for p in placed)))
+
+    async def drain_pending(self, user_id: str) -> tuple[int, bool]:
+        """Applies what proxies left in the user's pending hash in Redis (see shared/redis_holds.py):
+        records of holds they placed, and settlements they could not deliver (credits unreachable,
+        or the proxy stopping). Each is idempotent, so one also delivered over HTTP, or applied by
+        another credits process at the same time, counts once. A settlement that waited past its
+        hold's deadline is still applied: the hold stayed counted (in Redis, and in PostgreSQL once
+        recorded), so its deadline is moved on first. Returns (entries applied or refused for good,
+        whether all of them were)."""
+        if user_id in self._draining:
+            return 0, True
+        self._draining.add(user_id)
+        try:
+            fields = await self.holds.pending(user_id)
+            if not fields:
+                return 0, True
+            keep_until = self.clock() + timedelta(seconds=self.settings.late_settlement_seconds)
+            records: list[HoldToRecord] = []
+            settles: list[tuple[str, str, str, int | None]] = []  # (field, reservation id, action, amount)
+            # per settlement: its usage details (JSON text) and the credits it cost beyond its hold
+            settle_details: list[str | None] = []
+            settle_overages: list[int] = []
+            done: list[str] = []
+            for name, value in fields.items():
+                kind, _, rid = name.partition(":")
+                try:
+                    if kind == "h":
+                        amount, deadline_ms, epoch, hold_kind = value.split(" ")
+                        records.append(
+                            HoldToRecord(rid, user_id, int(amount), epoch, int(deadline_ms), hold_kind)
+                        )
+                    elif kind == "s":
+                        item = orjson.loads(value)
+                        amount_ = item.get("amount")
+                        about = item.get("details")
+                        about_text = None if about is None else orjson.dumps(about).decode()
+                        overage = max(int(item.get("overage", 0)), 0)
+                        settles.append(
+                            (name, rid, str(item["action"]), None if amount_ is None else int(amount_))
+                        )
+                        settle_details.append(about_text)
+                        settle_overages.append(overage)
+                    else:
+                        raise ValueError(name)
+                except (ValueError, KeyError, TypeError, AttributeError, orjson.JSONDecodeError):
+                    log.error("dropping a malformed pending entry of %s: %s=%r", user_id, name, value)
+                    done.append(name)
+            settling = {rid for _, rid, _, _ in settles}
+            keep_ms = _ms(keep_until)
+            records = [
+                replace(r, deadline_ms=max(r.deadline_ms, keep_ms)) if r.reservation_id in settling else r
+                for r in records
+            ]
+            complete = True
+            for record, outcome in zip(records, await self.record_holds(records, late=True), strict=True):
+                if isinstance(outcome, ServiceUnavailable):
+                    complete = False
+                    continue
+                if isinstance(outcome, AppError):
+                    log.error(
+                        "pending hold %s of %s refused: %s", record.reservation_id, user_id, outcome.message
+                    )
+                done.append(f"h:{record.reservation_id}")
+            if settles:
+                ids = [rid for _, rid, _, _ in settles if _is_uuid(rid)]
+                async with self.engine.begin() as conn:
+                    await store.extend_open_holds(conn, ids, keep_until)
+                outcomes = await self.settle_many(
+                    [(rid, action, amount) for _, rid, action, amount in settles],
+                    settle_details,
+                    settle_overages,
+                )
+                for (name, rid, action, _), result in zip(settles, outcomes, strict=True):
+                    if isinstance(result, ServiceUnavailable):
+                        complete = False
+                        continue
+                    if isinstance(result, AppError):
+                        log.error("pending %s of %s refused: %s", action, rid, result.message)
+                    else:
+                        metrics.PENDING_SETTLEMENTS_APPLIED.inc()
+                    done.append(name)
+            await self.holds.forget_pending(user_id, done)
+            return len(done), complete
+        finally:
+            self._draining.discard(user_id)
+
+    async def drain_listed(self) -> int:
+        """Applies the pending entries of every user a proxy listed (run by the sweeper)."""
+        total = 0
+        for shard in range(self.holds.pending_shards):
+            for user_id, score in await self.holds.pending_users(shard):
+                try:
+                    applied, complete = await self.drain_pending(user_id)
+                except Exception:
+                    log.exception("applying the pending settlements of %s failed", user_id)
+                    continue
+                total += applied
+                if complete:
+                    await self.holds.unlist_pending(shard, user_id, score)
+        return total
 
     async def _release_lost(self, user_id: str, rid: str) -> None:
         """Ends a recorded hold that Redis lost (and could not take back) as released, so it can never

@@ -20,6 +20,10 @@ REDIS_CAUGHT_UP = Counter(
     "credits_redis_caught_up_total",
     "Redis balances found behind PostgreSQL (a sync lost) and brought forward",
 )
+PENDING_SETTLEMENTS_APPLIED = Counter(
+    "credits_pending_settlements_applied_total",
+    "Settlements proxies left in Redis (credits unreachable, or the proxy stopping) applied by credits",
+)
 ORPHAN_HOLDS_DROPPED = Counter(
     "credits_orphan_holds_dropped_total", "Redis-only holds dropped by the sweeper"
 )

@@ -296,6 +296,18 @@ async def end_reservation(
     )
 
 
+async def extend_open_holds(conn: AsyncConnection, ids: Sequence[str], until: datetime) -> None:
+    """Moves the deadline of open holds to at least `until` (their settlement has arrived late)."""
+    if ids:
+        await conn.execute(
+            text(
+                "UPDATE reservations SET expires_at = :t "
+                "WHERE id = ANY(CAST(:ids AS uuid[])) AND status = 'held' AND expires_at < :t"
+            ),
+            {"ids": list(ids), "t": until},
+        )
+
+
 async def expire_due(conn: AsyncConnection, now: datetime, limit: int) -> list[Reservation]:
     rows = await conn.execute(
         text(

@@ -29,6 +29,8 @@ class Sweeper:
             self._task = None
 
     async def sweep_once(self) -> tuple[int, int]:
+        # Settlements proxies left in Redis first: a hold whose commit waits there must not expire.
+        await self.ledger.drain_listed()
         expired = await self.ledger.expire_due()
         dropped = await self.ledger.sweep_redis()
         await self.ledger.resync_failed()

@@ -4,6 +4,7 @@ what it can."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
@@ -131,9 +132,13 @@ def create_app(settings: ProxySettings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            # One grace period for the whole stop, credits reachable or not: the worker's jobs, then
+            # the settlements (sent, or parked in credits' Redis when credits is gone).
+            loop = asyncio.get_running_loop()
+            end = loop.time() + settings.shutdown_grace_seconds
             if worker is not None:
-                await worker.stop(settings.shutdown_grace_seconds)
-            await proxy.meter.drain(settings.shutdown_grace_seconds)
+                await worker.stop(settings.shutdown_grace_seconds / 2)
+            await proxy.meter.drain(max(end - loop.time() - 0.5, 0.5))
             if connection is not None:
                 with contextlib.suppress(Exception):
                     await connection.close()

@@ -19,7 +19,7 @@ import orjson
 from shared.errors import AppError, ServiceUnavailable, error_body
 from shared.logs import current_request_id
 
-from .httpclient import HttpPool, Response, TransportError
+from .httpclient import ConnectFailed, HttpPool, Response, TransportError
 
 
 class DownstreamError(AppError):
@@ -35,18 +35,54 @@ class DownstreamError(AppError):
 
 
 class InternalClient:
-    """JSON over the lean HTTP pool, with the internal token and the request id on every call."""
+    """JSON over the lean HTTP pool, with the internal token and the request id on every call.
+
+    `base_url` may list several processes of the service, comma-separated (CONTRACT §2): calls take
+    them in turn, and a call that cannot connect to one goes to the next. A process that failed is
+    passed over for `down_seconds` (while another one answers), so a dead process costs a failed
+    connect about once per `down_seconds`, not on every call. Only a failed connect moves a call on:
+    the request never left, so no call runs twice. A connection lost after the request was sent, or a
+    timeout, is the caller's to retry (settlement batches are idempotent; a reserve that may have run
+    simply expires at credits)."""
+
+    down_seconds = 1.0
 
     def __init__(
         self, name: str, base_url: str, internal_token: str, timeout: float, max_connections: int = 100
     ) -> None:
         self.name = name
-        self.pool = HttpPool(
-            base_url,
-            max_connections=max_connections,
-            default_headers=[(b"authorization", f"Bearer {internal_token}".encode())],
-        )
+        urls = [u.strip() for u in base_url.split(",") if u.strip()]
+        if not urls:
+            raise ValueError(f"no URL for the {name} service")
+        self.pools = [
+            HttpPool(
+                url,
+                max_connections=max_connections,
+                default_headers=[(b"authorization", f"Bearer {internal_token}".encode())],
+            )
+            for url in urls
+        ]
+        self._down_until = [0.0] * len(self.pools)
+        self._next = 0
         self.timeout = timeout
+
+    @property
+    def pool(self) -> HttpPool:
+        """The first process (for callers that need one origin)."""
+        return self.pools[0]
+
+    def _order(self) -> list[int]:
+        """The processes to try for one call: the next in turn first, those marked down last."""
+        count = len(self.pools)
+        if count == 1:
+            return [0]
+        start = self._next
+        self._next = (start + 1) % count
+        turn = [(start + i) % count for i in range(count)]
+        now = time.monotonic()
+        return [i for i in turn if self._down_until[i] <= now] + [
+            i for i in turn if self._down_until[i] > now
+        ]
 
     def _headers(self, extra: list[tuple[bytes, bytes]] | None = None) -> list[tuple[bytes, bytes]]:
         rid = current_request_id()
@@ -67,9 +103,24 @@ class InternalClient:
         if payload is not None:
             body = orjson.dumps(payload)
             extra.append((b"content-type", b"application/json"))
+        target = path.encode()
         try:
             async with asyncio.timeout(self.timeout):
-                return await self.pool.request(method, path.encode(), headers=extra, body=body)
+                order = self._order()
+                for n, i in enumerate(order):
+                    try:
+                        response = await self.pools[i].request(method, target, headers=extra, body=body)
+                    except ConnectFailed:
+                        self._down_until[i] = time.monotonic() + self.down_seconds
+                        if n == len(order) - 1:
+                            raise
+                        continue
+                    except TransportError:
+                        self._down_until[i] = time.monotonic() + self.down_seconds
+                        raise
+                    self._down_until[i] = 0.0
+                    return response
+                raise AssertionError("unreachable")
         except (TransportError, TimeoutError) as exc:
             raise ServiceUnavailable(f"The {self.name} service is unavailable; try again shortly.") from exc
 
@@ -91,7 +142,8 @@ class InternalClient:
         raise DownstreamError(response.status, data)
 
     async def aclose(self) -> None:
-        await self.pool.aclose()
+        for pool in self.pools:
+            await pool.aclose()
 
 
 @dataclass(frozen=True, slots=True)

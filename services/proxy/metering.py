@@ -34,7 +34,7 @@ from .metrics import (
     SETTLEMENT_FAILURES,
 )
 from .pricing import Charge, Quote
-from .settlements import SettlementBatcher
+from .settlements import SettlementBatcher, SettlementParked, settlement_item
 
 log = logging.getLogger("proxy.metering")
 
@@ -82,7 +82,11 @@ class Meter:
     ) -> None:
         self.credits = credits
         self.redis_holds = redis_holds
-        self.settlements = SettlementBatcher(credits, linger_seconds=settle_linger_seconds)
+        self.settlements = SettlementBatcher(
+            credits,
+            linger_seconds=settle_linger_seconds,
+            parker=redis_holds.park if redis_holds is not None else None,
+        )
         self.threshold = low_balance_threshold
         self._tasks: set[asyncio.Task[Any]] = set()
         # Each user's settlements still on their way, and the users a request is waiting for
@@ -105,7 +109,9 @@ class Meter:
         Raises InsufficientCredits (402) when not even the input is covered, ServiceUnavailable when
         credits cannot be reached."""
         amount = quote.largest
-        if self.redis_holds is not None and idempotency_key is None:
+        # Not while credits cannot be reached: a hold goes to Redis only if its record can reach
+        # credits within bounded time (the HTTP reserve below then fails: 503).
+        if self.redis_holds is not None and idempotency_key is None and not self.settlements.in_trouble:
             placed = await self.redis_holds.place(user_id, amount)
             if placed is None and user_id in self._settling:
                 placed = await self._after_settlements(user_id, amount)
@@ -135,6 +141,7 @@ class Meter:
                     chosen = fitted
                 else:
                     raise
+            self.settlements.reached()
         except DownstreamError as exc:
             if exc.status_code == 402:
                 REQUESTS_REFUSED.labels("insufficient_credits").inc()
@@ -208,25 +215,34 @@ class Meter:
         charged = charge.credits if charge is not None else 0
         action = "commit" if charged > 0 else "release"
         rid = hold.reservation.reservation_id
+        overage = max(charged - hold.amount, 0)
+        details = hold.quote.details(charge) if charge is not None and charged > 0 else None
+        item = settlement_item(rid, charged - overage, overage=overage, details=details)
         if urgent and hold.recorded is not None and not hold.recorded.done():
             self.settlements.flush()
-        if hold.recorded is not None and not await self._was_recorded(hold, action):
-            return None
+        if hold.recorded is not None:
+            try:
+                if not await self._was_recorded(hold, action):
+                    return None
+            except SettlementParked:
+                # The record waits in Redis for credits: the settlement goes there too, after it.
+                await self._park(hold, item)
+                return None
         try:
             urgent = urgent or hold.user_id in self._hurried
-            if charge is not None and charged > 0:
-                overage = max(charged - hold.amount, 0)
-                result = await self.settlements.submit(
-                    rid,
-                    charged - overage,
-                    urgent=urgent,
-                    overage=overage,
-                    details=hold.quote.details(charge),
-                )
-            else:
-                result = await self.settlements.submit(rid, 0, urgent=urgent)
+            result = await self.settlements.submit(
+                rid,
+                charged - overage,
+                user_id=hold.user_id,
+                urgent=urgent,
+                overage=overage,
+                details=details,
+            )
+        except SettlementParked:
+            return None
         except ServiceUnavailable:
-            pass
+            if await self._park(hold, item):
+                return None
         except AppError as exc:
             log.error("%s of reservation %s refused: %s %s", action, rid, exc.status_code, exc.message)
         except Exception:
@@ -248,6 +264,8 @@ class Meter:
         try:
             await hold.recorded
             return True
+        except SettlementParked:
+            raise
         except AppError as exc:
             if exc.status_code in (402, 409):
                 # Lost with a Redis wipe and no longer covered, or past its deadline: credits released
@@ -262,6 +280,18 @@ class Meter:
         log.error("could not record hold %s; it lapses in Redis at its deadline", rid)
         return False
 
+    async def _park(self, hold: Hold, item: dict[str, Any]) -> bool:
+        """Leaves the settlement in credits' Redis for credits to apply; False if that failed too."""
+        if self.redis_holds is None:
+            return False
+        rid = hold.reservation.reservation_id
+        try:
+            await self.redis_holds.park(hold.user_id, [(rid, item)])
+        except Exception:
+            log.exception("could not park the settlement of %s in Redis", rid)
+            return False
+        return True
+
     async def balance(self, user_id: str) -> int | None:
         """The user's available credits for an error response's headers, if credits answers."""
         try:
@@ -270,6 +300,14 @@ class Meter:
             return None
 
     async def drain(self, timeout: float) -> None:
+        """Settles what is in flight within `timeout`: sent to credits, or (credits unreachable)
+        parked in its Redis; what is left after `timeout` is given up."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        if self._tasks and not self.settlements.in_trouble:
+            await asyncio.wait(set(self._tasks), timeout=timeout / 3)
+        await self.settlements.aclose(max((end - loop.time()) * 2 / 3, 0.1))
         if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=timeout)
-        await self.settlements.aclose()
+            await asyncio.wait(set(self._tasks), timeout=max(end - loop.time(), 0.1))
+        for task in list(self._tasks):
+            task.cancel()

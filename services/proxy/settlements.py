@@ -17,6 +17,13 @@ fails, the items are retried with exponential backoff capped at `max_delay_secon
 long as a hold lives at credits by default (600 s), so an outage of minutes still ends with every
 served request charged. Only then are they given up: their holds expire back to the users at credits
 (a served request then goes uncharged, never double-charged; SETTLEMENT_FAILURES counts it).
+
+With a `parker` (the proxy's holds in credits' Redis), what cannot be delivered does not stay in this
+process at all: a batch that fails to reach credits, and whatever is still queued when the proxy
+stops, is parked in credits' Redis (`RedisHolds.park`), where credits applies it once it is back
+(`Ledger.drain_pending`); its future fails with `SettlementParked`. Only if Redis fails too are the
+items retried from memory as above. `in_trouble` tells the proxy to stop placing holds in Redis
+until credits answers again.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,12 +43,40 @@ from .downstream import CreditsClient, DownstreamError
 
 log = logging.getLogger("proxy.settlements")
 
+# Leaves items for credits in Redis: (user_id, [(reservation_id, settlement item, or None for a
+# hold's record, which is there already)]). Raises when it cannot.
+Parker = Callable[[str, Sequence[tuple[str, dict[str, Any] | None]]], Awaitable[None]]
+
+
+class SettlementParked(Exception):
+    """The item could not be delivered and was left in credits' Redis, for credits to apply."""
+
+
+def settlement_item(
+    reservation_id: str,
+    charged: int,
+    *,
+    overage: int = 0,
+    details: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The batch item that commits `charged` (a release when 0), plus `overage` credits beyond the
+    hold and the usage `details` of the ledger entry."""
+    if charged <= 0:
+        return {"reservation_id": reservation_id, "action": "release"}
+    item: dict[str, Any] = {"reservation_id": reservation_id, "action": "commit", "amount": charged}
+    if overage > 0:
+        item["overage"] = overage
+    if details is not None:
+        item["details"] = details
+    return item
+
 
 @dataclass(slots=True)
 class _Item:
     reservation_id: str
     payload: dict[str, Any]
     future: asyncio.Future[dict[str, Any]]
+    user_id: str = ""
     attempts: int = field(default=0)
 
 
@@ -54,8 +91,13 @@ class SettlementBatcher:
         retry_base_seconds: float = 0.2,
         max_delay_seconds: float = 10.0,
         linger_seconds: float = 0.0,
+        parker: Parker | None = None,
     ) -> None:
         self.credits = credits
+        self.parker = parker
+        # Since when sending to credits fails (None: the last send got through).
+        self.failing_since: float | None = None
+        self._parking: set[asyncio.Task[None]] = set()
         self.max_batch = max_batch
         self.linger_seconds = linger_seconds
         self.max_attempts = max_attempts
@@ -71,11 +113,21 @@ class SettlementBatcher:
         self._closing = False
         self._closed = False
 
+    @property
+    def in_trouble(self) -> bool:
+        """Credits could not be reached by the last send (nothing got through since)."""
+        return self.failing_since is not None
+
+    def reached(self) -> None:
+        """Credits answered (here or on another call): holds may go to Redis again."""
+        self.failing_since = None
+
     def submit(
         self,
         reservation_id: str,
         charged: int,
         *,
+        user_id: str = "",
         urgent: bool = False,
         overage: int = 0,
         details: dict[str, Any] | None = None,
@@ -83,20 +135,9 @@ class SettlementBatcher:
         """Queues a commit of `charged` (a release when 0), plus `overage` credits beyond the hold and
         the usage `details` of the ledger entry; the future gets credits' answer for it (the body the
         single endpoint returns), or the error it refused with. Urgent: someone waits for the answer,
-        so the batch leaves without lingering."""
-        if charged > 0:
-            payload: dict[str, Any] = {
-                "reservation_id": reservation_id,
-                "action": "commit",
-                "amount": charged,
-            }
-            if overage > 0:
-                payload["overage"] = overage
-            if details is not None:
-                payload["details"] = details
-        else:
-            payload = {"reservation_id": reservation_id, "action": "release"}
-        future = self._queue(reservation_id, payload)
+        so the batch leaves without lingering. With `user_id` it can be parked."""
+        item = settlement_item(reservation_id, charged, overage=overage, details=details)
+        future = self._queue(reservation_id, item, user_id)
         if urgent:
             self.flush()
         return future
@@ -110,14 +151,16 @@ class SettlementBatcher:
         """Queues the record of a hold placed in Redis; the future gets credits' answer (201 and the
         reservation) or the error it refused with (402: lost with Redis, 409: past its deadline).
         Settle such a hold only after this answer: before it, credits does not know the hold."""
-        return self._queue(placed.reservation_id, placed.record())
+        return self._queue(placed.reservation_id, placed.record(), placed.user_id)
 
-    def _queue(self, reservation_id: str, payload: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
+    def _queue(
+        self, reservation_id: str, payload: dict[str, Any], user_id: str = ""
+    ) -> asyncio.Future[dict[str, Any]]:
         loop = asyncio.get_running_loop()
         if self._runner is None and not self._closing:  # while closing, aclose sends the queue
             self._runner = loop.create_task(self._run(), name="proxy-settlements")
         future: asyncio.Future[dict[str, Any]] = loop.create_future()
-        item = _Item(reservation_id, payload, future)
+        item = _Item(reservation_id, payload, future, user_id)
         if self._closed:
             _fail(item, ServiceUnavailable("The proxy is shutting down."))
             return future
@@ -170,12 +213,14 @@ class SettlementBatcher:
                 if not isinstance(results, list) or len(results) != len(batch):
                     raise ServiceUnavailable("The credits service answered a malformed batch.")
             except ServiceUnavailable:
-                self._retry_or_fail(batch)
+                if self.failing_since is None:
+                    self.failing_since = time.monotonic()
+                self._park_or_retry(batch)
                 return
             except asyncio.CancelledError:
-                # Only aclose cancels a send, once its time is up: these were not (known to be) applied.
-                for item in batch:
-                    _fail(item, ServiceUnavailable("The proxy is shutting down."))
+                # Only aclose cancels a send, once its time is up: these were not (known to be)
+                # applied, and aclose parks them (applying one twice changes nothing).
+                self._pending.extend(batch)
                 raise
             except AppError as exc:
                 for item in batch:
@@ -186,6 +231,7 @@ class SettlementBatcher:
                 for item in batch:
                     _fail(item, exc)
                 return
+            self.failing_since = None
             for item, result in zip(batch, results, strict=True):
                 status = result.get("status") if isinstance(result, dict) else None
                 if isinstance(status, int) and 200 <= status < 300:
@@ -197,6 +243,37 @@ class SettlementBatcher:
                     _fail(item, DownstreamError(int(status or 500), result))
         finally:
             self._slots.release()
+
+    def _park_or_retry(self, items: list[_Item]) -> None:
+        """Parks in Redis what failed to reach credits; what cannot be parked is retried from here."""
+        parkable = [item for item in items if item.user_id] if self.parker is not None else []
+        rest = [item for item in items if not item.user_id] if parkable else items
+        if rest:
+            self._retry_or_fail(rest)
+        if parkable:
+            task = asyncio.get_running_loop().create_task(self._park(parkable))
+            self._parking.add(task)
+            task.add_done_callback(self._parking.discard)
+
+    async def _park(self, items: list[_Item], *, retry: bool = True) -> None:
+        assert self.parker is not None
+        by_user: dict[str, list[_Item]] = {}
+        for item in items:
+            by_user.setdefault(item.user_id, []).append(item)
+        for user_id, own in by_user.items():
+            entries = [(i.reservation_id, None if i.payload["action"] == "hold" else i.payload) for i in own]
+            try:
+                await self.parker(user_id, entries)
+            except Exception:
+                log.warning("parking %d settlements in Redis failed", len(own), exc_info=True)
+                if retry:
+                    self._retry_or_fail(own)
+                else:
+                    for item in own:
+                        _fail(item, ServiceUnavailable("The proxy is shutting down."))
+                continue
+            for item in own:
+                _fail(item, SettlementParked(item.reservation_id))
 
     def _retry_or_fail(self, items: list[_Item]) -> None:
         loop = asyncio.get_running_loop()
@@ -220,16 +297,21 @@ class SettlementBatcher:
         self._wake.set()
 
     async def aclose(self, timeout: float = 5.0) -> None:
-        """Sends what is queued (within `timeout`), then stops; what could not be sent, and what
-        waits to be retried after a failure, fails (its hold expires at credits)."""
+        """Sends what is queued (within `timeout`, less the time left to park the rest), then stops;
+        what could not be sent, and what waits to be retried after a failure, is parked in Redis
+        (with a parker), or fails (its hold expires at credits)."""
         self._closing = True
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        # Parking is one Redis call per user: keep a share of the time for it.
+        send_for = timeout / 2 if self.parker is not None else timeout
         if self._runner is not None:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._runner
             self._runner = None
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(0 if self.in_trouble and self.parker is not None else send_for):
                 while True:
                     if self._pending:
                         await self._slots.acquire()
@@ -254,9 +336,18 @@ class SettlementBatcher:
             self._pending.extend(items)
         self._retrying.clear()
         self._closed = True
-        for item in self._pending:
+        left, self._pending = self._pending, []
+        parkable = [item for item in left if item.user_id] if self.parker is not None else []
+        if parkable or self._parking:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(end - loop.time(), 0.5)):
+                    if self._parking:
+                        await asyncio.wait(set(self._parking))
+                    await self._park(parkable, retry=False)
+            for task in list(self._parking):
+                task.cancel()
+        for item in left:
             _fail(item, ServiceUnavailable("The proxy is shutting down."))
-        self._pending.clear()
 
 
 def _fail(item: _Item, exc: BaseException) -> None:
@@ -266,4 +357,4 @@ def _fail(item: _Item, exc: BaseException) -> None:
         item.future.exception()
 
 
-__all__ = ["SettlementBatcher"]
+__all__ = ["SettlementBatcher", "SettlementParked", "settlement_item"]

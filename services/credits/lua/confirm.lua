@@ -6,9 +6,14 @@
 --          credits service (the proxy's fast path): under an unchanged epoch it must still be in Redis
 --          (the sweeper may have ended it past its deadline, or it was never placed), so the epoch alone
 --          is no proof
+-- KEYS[3]  optional (with "strict"): credits:{<user_id>}:pending; the hold's record there is removed, as
+--          the hold is now in PostgreSQL
 -- Returns {1, available} when the hold stands (or the account is not loaded: the next rebuild reads
 -- the persisted hold), {0, available} when it could not be restored (the caller fails the reserve).
 local acct, deadlines = KEYS[1], KEYS[2]
+if KEYS[3] then
+  redis.call('HDEL', KEYS[3], 'h:' .. ARGV[1])
+end
 if redis.call('EXISTS', acct) == 0 then
   return {1, -1}
 end

@@ -4,6 +4,9 @@
 --          h:<reservation_id> = held credits, i:<idempotency_key> = reservation_id,
 --          k:<reservation_id> = that reservation's idempotency key
 -- KEYS[2]  credits:{<user_id>}:deadlines  sorted set: reservation_id scored by its deadline (ms since epoch)
+-- KEYS[3]  optional, for a hold placed by a proxy: credits:{<user_id>}:pending, the hash of what is not yet
+--          in PostgreSQL; the hold's record goes there as h:<reservation_id> = "<held> <deadline> <epoch>
+--          <kind>" (removed by confirm.lua when credits records it, or applied by credits from there)
 -- ARGV[1]  reservation id
 -- ARGV[2]  credits to hold (integer > 0)
 -- ARGV[3]  idempotency key, or "" for none
@@ -12,6 +15,7 @@
 -- ARGV[6]  now minus the grace period (ms since epoch): a hold whose deadline is before it is dead (a
 --          commit after the deadline is refused) and should have left Redis already (see below). The
 --          proxy passes 0 (no hold is dead): only the credits service judges, by its clock and grace.
+-- ARGV[7]  with KEYS[3]: the kind of the hold ("usage")
 -- Returns {status, value, epoch, held}:
 --   status  1 = held; value = credits available afterwards; held = credits actually held
 --           0 = insufficient credits; value = credits available
@@ -60,4 +64,7 @@ if key ~= '' then
   redis.call('HSET', acct, 'i:' .. key, ARGV[1], 'k:' .. ARGV[1], key)
 end
 redis.call('ZADD', deadlines, ARGV[5], ARGV[1])
+if KEYS[3] then
+  redis.call('HSET', KEYS[3], 'h:' .. ARGV[1], amount .. ' ' .. ARGV[5] .. ' ' .. vals[3] .. ' ' .. ARGV[7])
+end
 return {1, available - amount, vals[3], amount}
