@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shared.apidocs import install_docs
 from shared.errors import error_response, install_error_handlers
 from shared.logs import REQUEST_ID_HEADER, new_request_id, request_id_var
 from shared.metrics import HTTP_LATENCY, render_latest
@@ -237,11 +238,12 @@ def create_service_app(
         title=title or f"credit-proxy {service}",
         lifespan=lifespan,
         default_response_class=JsonResponse,
-        docs_url="/docs",
+        docs_url=None,  # shared/apidocs.py serves /docs from vendored files
         redoc_url=None,
         telemetry=telemetry,
     )
     app.state.readiness_checks = {}
+    install_docs(app)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     app.add_middleware(RequestContextMiddleware, service=service)

@@ -19,6 +19,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from services.credits import openapi_spec as credits_openapi
 from services.credits.api import admin, hot_routes, internal
 from services.credits.apikeys import ApiKeys
 from services.credits.config import CreditsSettings
@@ -212,4 +213,5 @@ def create_app(settings: CreditsSettings, *, clock: Clock = utcnow) -> FastAPI:
     app.add_hot_routes(hot_routes)
     app.include_router(internal)
     app.include_router(admin)
+    credits_openapi.describe(app)
     return app

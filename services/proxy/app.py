@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI
 from starlette.staticfiles import StaticFiles
 
+from services.proxy import openapi_spec as proxy_openapi
 from shared.broker import Topology, connect
 from shared.redis_holds import RedisHolds
 from shared.web import create_service_app
@@ -152,6 +153,7 @@ def create_app(settings: ProxySettings | None = None) -> FastAPI:
     app.add_hot_routes(openai_api.hot_routes)
     app.include_router(account_api.router)
     app.mount("/portal", StaticFiles(directory=account_api.PORTAL_DIR), name="portal")
+    proxy_openapi.describe(app)
     return app
 
 
