@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.apidocs import install_docs
 from shared.errors import error_response, install_error_handlers
-from shared.logs import REQUEST_ID_HEADER, new_request_id, request_id_var
+from shared.logs import REQUEST_ID_HEADER, new_request_id, request_id_var, request_notes_var
 from shared.metrics import HTTP_LATENCY, render_latest
 from shared.responses import JsonResponse
 
@@ -27,6 +27,9 @@ ReadinessCheck = Callable[[], Awaitable[Any]]
 access_log = logging.getLogger("access")
 
 _PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+_CHARGED_HEADER = b"x-credits-charged"
+# The portal marks its periodic balance refresh; those lines are logged at DEBUG.
+_POLL_HEADER = b"x-poll"
 
 
 class RequestContextMiddleware:
@@ -59,20 +62,28 @@ class RequestContextMiddleware:
             return
         rid_header = self._rid_header
         rid = None
+        poll = False
         for name, value in scope["headers"]:
             if name == rid_header:
                 rid = value.decode("latin-1")[:128]
-                break
+            elif name == _POLL_HEADER:
+                poll = True
         rid = rid or new_request_id()
         token = request_id_var.set(rid)
+        notes: dict[str, str] = {}
+        notes_token = request_notes_var.set(notes)
         started = time.perf_counter()
         status = 500
+        charged = "-"
         rid_pair = (rid_header, rid.encode())
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status
+            nonlocal status, charged
             if message["type"] == "http.response.start":
                 status = message["status"]
+                for name, value in message.get("headers", ()):
+                    if name == _CHARGED_HEADER:
+                        charged = value.decode("latin-1")
                 message["headers"] = [*message.get("headers", ()), rid_pair]
             await send(message)
 
@@ -85,16 +96,32 @@ class RequestContextMiddleware:
             # trailing-slash redirect, 413 on the declared length) must not mint a series per URL.
             path = getattr(route, "path", None) or "unmatched"
             self._observer(scope["method"], path, status)(elapsed)
-            if access_log.isEnabledFor(logging.INFO) and scope["path"] not in _PROBE_PATHS:
-                access_log.info(
-                    "%s %s %s",
+            level = logging.DEBUG if poll else logging.INFO
+            if access_log.isEnabledFor(level) and scope["path"] not in _PROBE_PATHS:
+                user = notes.get("user", "-")
+                duration_ms = round(elapsed * 1000, 3)
+                # One readable line (make run prints plain text) that also carries its fields (JSON logs).
+                access_log.log(
+                    level,
+                    "%s %s %s user=%s credits=%s %.1f ms rid=%s",
                     scope["method"],
                     scope["path"],
                     status,
+                    user,
+                    charged,
+                    duration_ms,
+                    rid,
                     extra={
-                        "fields": {"status": status, "duration_ms": round(elapsed * 1000, 3), "route": path}
+                        "fields": {
+                            "status": status,
+                            "duration_ms": duration_ms,
+                            "route": path,
+                            "user_id": user,
+                            "credits_charged": charged,
+                        }
                     },
                 )
+            request_notes_var.reset(notes_token)
             request_id_var.reset(token)
 
 

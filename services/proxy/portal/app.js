@@ -137,8 +137,10 @@
     this.unavailable = !!unavailable;
   }
 
-  function api(method, path, body) {
+  function api(method, path, body, poll) {
     var headers = { "Accept": "application/json" };
+    // A periodic refresh: the gateway logs it at DEBUG, not as an INFO line every few seconds.
+    if (poll) headers["X-Poll"] = "1";
     if (state.token) headers["Authorization"] = "Bearer " + state.token;
     var opts = { method: method, headers: headers, cache: "no-store", credentials: "same-origin" };
     if (body !== undefined) {
@@ -302,9 +304,9 @@
   }
 
   // ---------- account / balance ----------
-  function refreshAccount() {
+  function refreshAccount(poll) {
     if (!state.token) return Promise.resolve();
-    return api("GET", "/v1/account").then(function (acct) {
+    return api("GET", "/v1/account", undefined, poll).then(function (acct) {
       var prev = state.account;
       state.account = acct;
       clearError(true);
@@ -372,7 +374,7 @@
     state.pollTimer = setTimeout(function () {
       if (!state.token) return;
       if (document.visibilityState === "hidden") { startPolling(); return; }
-      refreshAccount().then(function () { if (state.token) startPolling(); });
+      refreshAccount(true).then(function () { if (state.token) startPolling(); });
     }, delay);
   }
   function pollFast() {
