@@ -17,7 +17,11 @@ STATIC_PREFIX = "/docs/static"
 
 def install_docs(app: FastAPI) -> None:
     """Adds `GET /docs` and the Swagger UI files under `/docs/static/` (the app has `docs_url=None`)."""
-    app.mount(STATIC_PREFIX, StaticFiles(directory=SWAGGER_UI_DIR), name="swagger-ui")
+    from shared.web import TemplateMount  # shared.web installs the docs: imported here, not at the top
+
+    app.router.routes.append(
+        TemplateMount(STATIC_PREFIX, StaticFiles(directory=SWAGGER_UI_DIR), name="swagger-ui")
+    )
 
     async def docs(request: Request) -> HTMLResponse:
         root = request.scope.get("root_path", "").rstrip("/")

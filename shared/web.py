@@ -14,13 +14,13 @@ from fastapi.responses import Response
 from fastapi.telemetry import TelemetryConfig
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
-from starlette.routing import Match, Route
+from starlette.routing import Match, Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.apidocs import install_docs
 from shared.errors import error_response, install_error_handlers
 from shared.logs import REQUEST_ID_HEADER, new_request_id, request_id_var, request_notes_var
-from shared.metrics import HTTP_LATENCY, render_latest
+from shared.metrics import CREDITS_BY_MODEL, HTTP_LATENCY, REQUESTS_BY_MODEL, model_label, render_latest
 from shared.responses import JsonResponse
 
 ReadinessCheck = Callable[[], Awaitable[Any]]
@@ -96,6 +96,12 @@ class RequestContextMiddleware:
             # trailing-slash redirect, 413 on the declared length) must not mint a series per URL.
             path = getattr(route, "path", None) or "unmatched"
             self._observer(scope["method"], path, status)(elapsed)
+            operation = notes.get("operation")
+            if operation is not None:
+                model = model_label(notes.get("model", ""))
+                REQUESTS_BY_MODEL.labels(self.service, operation, model, str(status)).inc()
+                if charged.isdigit() and charged != "0":
+                    CREDITS_BY_MODEL.labels(self.service, operation, model).inc(int(charged))
             level = logging.DEBUG if poll else logging.INFO
             if access_log.isEnabledFor(level) and scope["path"] not in _PROBE_PATHS:
                 user = notes.get("user", "-")
@@ -128,6 +134,17 @@ class RequestContextMiddleware:
 class TemplateRoute(Route):
     """A plain Starlette route (no FastAPI dependency solving, for hot endpoints) that puts itself in
     the scope as FastAPI's routes do, so metrics and logs label requests by route template."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child = super().matches(scope)
+        if match is not Match.NONE:
+            child["route"] = self
+        return match, child
+
+
+class TemplateMount(Mount):
+    """A mount (static files) that names itself in the scope like a route, so its requests are labelled
+    by its path (e.g. "/portal") in metrics and logs instead of "unmatched"."""
 
     def matches(self, scope: Scope) -> tuple[Match, Scope]:
         match, child = super().matches(scope)

@@ -17,7 +17,7 @@ from starlette.staticfiles import StaticFiles
 from services.proxy import openapi_spec as proxy_openapi
 from shared.broker import Topology, connect
 from shared.redis_holds import RedisHolds
-from shared.web import create_service_app
+from shared.web import TemplateMount, create_service_app
 
 from . import account_api, openai_api
 from .callers import Authenticator
@@ -152,7 +152,9 @@ def create_app(settings: ProxySettings | None = None) -> FastAPI:
     app.state.proxy = proxy
     app.add_hot_routes(openai_api.hot_routes)
     app.include_router(account_api.router)
-    app.mount("/portal", StaticFiles(directory=account_api.PORTAL_DIR), name="portal")
+    app.router.routes.append(
+        TemplateMount("/portal", StaticFiles(directory=account_api.PORTAL_DIR), name="portal")
+    )
     proxy_openapi.describe(app)
     return app
 

@@ -14,6 +14,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from shared.errors import ApiAccessLocked, AppError, InvalidRequest, UpstreamError
+from shared.logs import note_request
 from shared.web import TemplateRoute
 
 from .callers import Caller, CallerKind
@@ -119,6 +120,7 @@ async def _metered(request: Request, operation: str) -> Response:
         if body is None:
             raise InvalidRequest("The request body must be a JSON object.")
         model = body.get("model")
+        note_request(operation=operation, model=model if isinstance(model, str) else "")  # logs, metrics
         price = proxy.pricing.price(model if isinstance(model, str) else None)
         stream = operation == "chat.completions" and body.get("stream") is True
         if stream and price.per_token:
