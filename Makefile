@@ -20,13 +20,24 @@ infra:
 
 # Test tools from Debian's packages: headless Chromium for the portal's end-to-end tests (never a
 # downloaded browser) and docker-compose to validate docker-compose.yml where no Docker engine runs.
+# Says what it is about to install first; NO_SYSTEM_PACKAGES=1 skips it (those tests are then skipped).
+CHROMIUM ?= /usr/bin/chromium
+APT_GET ?= apt-get
 browser:
-	@missing=""; test -x /usr/bin/chromium || missing="chromium chromium-driver"; \
+	@missing=""; test -x $(CHROMIUM) || missing="chromium chromium-driver"; \
 	command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1 || missing="$$missing docker-compose"; \
-	if [ -n "$$missing" ]; then \
-	  echo "installing test tools:$$missing"; \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
-	    || echo "could not install$$missing; the tests that need them will be skipped"; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	missing=$$(echo $$missing); skipped="the portal's browser tests and the docker-compose check will be skipped"; \
+	if [ -n "$(NO_SYSTEM_PACKAGES)" ]; then \
+	  echo "make test: not installing $$missing (NO_SYSTEM_PACKAGES is set); $$skipped"; \
+	elif ! command -v $(APT_GET) >/dev/null 2>&1; then \
+	  echo "make test: cannot install $$missing: no apt-get on this machine; $$skipped"; \
+	elif [ "$$(id -u)" != 0 ]; then \
+	  echo "make test: cannot install $$missing: installing Debian packages needs root; $$skipped"; \
+	else \
+	  echo "make test: installing Debian packages for the tests: $$missing (apt-get; NO_SYSTEM_PACKAGES=1 skips this)"; \
+	  ($(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq $$missing >/dev/null) \
+	    || echo "make test: could not install $$missing; $$skipped"; \
 	fi
 
 test: install infra browser

@@ -25,6 +25,33 @@ def current_request_id() -> str | None:
     return request_id_var.get()
 
 
+# What the access log line should say about the current request beyond method, route and status (the
+# caller's user id). A dict shared by every context copy of the request, so a note taken deep inside
+# an endpoint still reaches the middleware that writes the line.
+request_notes_var: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "request_notes", default=None
+)
+
+
+def note_request(**fields: str) -> None:
+    notes = request_notes_var.get()
+    if notes is not None:
+        notes.update(fields)
+
+
+class _ServiceLoggerName(logging.Filter):
+    """uvicorn's own lines (start-up, shutdown) appear under the service's name, not `uvicorn.error`."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self.service = service
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("uvicorn"):
+            record.name = self.service
+        return True
+
+
 class JsonFormatter(logging.Formatter):
     def __init__(self, service: str) -> None:
         super().__init__()
@@ -56,6 +83,7 @@ def configure_logging(service: str, level: str = "INFO", json_format: bool = Tru
         handler.setFormatter(JsonFormatter(service))
     else:
         handler.setFormatter(logging.Formatter(f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_ServiceLoggerName(service))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -14,18 +14,22 @@ from fastapi.responses import Response
 from fastapi.telemetry import TelemetryConfig
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
-from starlette.routing import Match, Route
+from starlette.routing import Match, Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shared.apidocs import install_docs
 from shared.errors import error_response, install_error_handlers
-from shared.logs import REQUEST_ID_HEADER, new_request_id, request_id_var
-from shared.metrics import HTTP_LATENCY, render_latest
+from shared.logs import REQUEST_ID_HEADER, new_request_id, request_id_var, request_notes_var
+from shared.metrics import CREDITS_BY_MODEL, HTTP_LATENCY, REQUESTS_BY_MODEL, model_label, render_latest
 from shared.responses import JsonResponse
 
 ReadinessCheck = Callable[[], Awaitable[Any]]
 access_log = logging.getLogger("access")
 
 _PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+_CHARGED_HEADER = b"x-credits-charged"
+# The portal marks its periodic balance refresh; those lines are logged at DEBUG.
+_POLL_HEADER = b"x-poll"
 
 
 class RequestContextMiddleware:
@@ -58,20 +62,28 @@ class RequestContextMiddleware:
             return
         rid_header = self._rid_header
         rid = None
+        poll = False
         for name, value in scope["headers"]:
             if name == rid_header:
                 rid = value.decode("latin-1")[:128]
-                break
+            elif name == _POLL_HEADER:
+                poll = True
         rid = rid or new_request_id()
         token = request_id_var.set(rid)
+        notes: dict[str, str] = {}
+        notes_token = request_notes_var.set(notes)
         started = time.perf_counter()
         status = 500
+        charged = "-"
         rid_pair = (rid_header, rid.encode())
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status
+            nonlocal status, charged
             if message["type"] == "http.response.start":
                 status = message["status"]
+                for name, value in message.get("headers", ()):
+                    if name == _CHARGED_HEADER:
+                        charged = value.decode("latin-1")
                 message["headers"] = [*message.get("headers", ()), rid_pair]
             await send(message)
 
@@ -84,22 +96,55 @@ class RequestContextMiddleware:
             # trailing-slash redirect, 413 on the declared length) must not mint a series per URL.
             path = getattr(route, "path", None) or "unmatched"
             self._observer(scope["method"], path, status)(elapsed)
-            if access_log.isEnabledFor(logging.INFO) and scope["path"] not in _PROBE_PATHS:
-                access_log.info(
-                    "%s %s %s",
+            operation = notes.get("operation")
+            if operation is not None:
+                model = model_label(notes.get("model", ""))
+                REQUESTS_BY_MODEL.labels(self.service, operation, model, str(status)).inc()
+                if charged.isdigit() and charged != "0":
+                    CREDITS_BY_MODEL.labels(self.service, operation, model).inc(int(charged))
+            level = logging.DEBUG if poll else logging.INFO
+            if access_log.isEnabledFor(level) and scope["path"] not in _PROBE_PATHS:
+                user = notes.get("user", "-")
+                duration_ms = round(elapsed * 1000, 3)
+                # One readable line (make run prints plain text) that also carries its fields (JSON logs).
+                access_log.log(
+                    level,
+                    "%s %s %s user=%s credits=%s %.1f ms rid=%s",
                     scope["method"],
                     scope["path"],
                     status,
+                    user,
+                    charged,
+                    duration_ms,
+                    rid,
                     extra={
-                        "fields": {"status": status, "duration_ms": round(elapsed * 1000, 3), "route": path}
+                        "fields": {
+                            "status": status,
+                            "duration_ms": duration_ms,
+                            "route": path,
+                            "user_id": user,
+                            "credits_charged": charged,
+                        }
                     },
                 )
+            request_notes_var.reset(notes_token)
             request_id_var.reset(token)
 
 
 class TemplateRoute(Route):
     """A plain Starlette route (no FastAPI dependency solving, for hot endpoints) that puts itself in
     the scope as FastAPI's routes do, so metrics and logs label requests by route template."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child = super().matches(scope)
+        if match is not Match.NONE:
+            child["route"] = self
+        return match, child
+
+
+class TemplateMount(Mount):
+    """A mount (static files) that names itself in the scope like a route, so its requests are labelled
+    by its path (e.g. "/portal") in metrics and logs instead of "unmatched"."""
 
     def matches(self, scope: Scope) -> tuple[Match, Scope]:
         match, child = super().matches(scope)
@@ -245,11 +290,12 @@ def create_service_app(
         title=title or f"credit-proxy {service}",
         lifespan=lifespan,
         default_response_class=JsonResponse,
-        docs_url="/docs",
+        docs_url=None,  # shared/apidocs.py serves /docs from vendored files
         redoc_url=None,
         telemetry=telemetry,
     )
     app.state.readiness_checks = {}
+    install_docs(app)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     app.add_middleware(RequestContextMiddleware, service=service)

@@ -10,6 +10,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from sqlalchemy import text
 
+from services.billing import openapi_spec as billing_openapi
 from services.billing.api import router
 from services.billing.catalog import load_catalog
 from services.billing.checkout import CheckoutGateway, CheckoutService, LocalTestCheckout
@@ -92,4 +93,5 @@ def create_app(settings: BillingSettings) -> FastAPI:
     app = create_service_app("billing", max_body_bytes=settings.max_body_bytes, lifespan=lifespan)
     app.state.settings = settings
     app.include_router(router)
+    billing_openapi.describe(app)
     return app

@@ -143,7 +143,7 @@ def checkout_page(purchase: Purchase, pack_name: str) -> str:
   .banner {{ background: #d97706; color: #fff; text-align: center; padding: .6rem; font-weight: 700; letter-spacing: .08em; }}
   main {{ max-width: 26rem; margin: 3rem auto; background: #fff; border-radius: 12px; padding: 2rem; box-shadow: 0 2px 12px #0001; }}
   dl {{ display: grid; grid-template-columns: auto 1fr; gap: .4rem 1rem; }}
-  dt {{ color: #666; }} dd {{ margin: 0; font-weight: 600; }}
+  dt {{ color: #666; }} dd {{ margin: 0; font-weight: 600; min-width: 0; overflow-wrap: anywhere; }}
   form {{ display: inline; }}
   button {{ font-size: 1rem; padding: .7rem 1.4rem; border-radius: 8px; border: 0; cursor: pointer; margin: 1rem .5rem 0 0; }}
   .pay {{ background: #4f46e5; color: #fff; }} .cancel {{ background: #e5e7eb; }}

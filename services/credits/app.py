@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.responses import FileResponse
 from starlette.staticfiles import StaticFiles
 
+from services.credits import openapi_spec as credits_openapi
 from services.credits.api import admin, hot_routes, internal
 from services.credits.apikeys import ApiKeys
 from services.credits.config import CreditsSettings
@@ -217,4 +218,5 @@ def create_app(settings: CreditsSettings, *, clock: Clock = utcnow) -> FastAPI:
     app.add_api_route("/admin/", dashboard, methods=["GET"], include_in_schema=False)
     app.mount("/admin/assets", StaticFiles(directory=DASHBOARD_DIR), name="dashboard")
     app.mount("/admin/vendor", StaticFiles(directory=CHARTJS_DIR), name="vendor")
+    credits_openapi.describe(app)
     return app

@@ -68,3 +68,13 @@ class BillingEventsConsumer:
             CONSUMER_OUTCOMES.labels(event_type, "retried").inc()
             raise
         CONSUMER_OUTCOMES.labels(event_type, "applied" if applied else "duplicate").inc()
+        if applied and event_type == PackPurchased.routing_key:
+            log.info(
+                "purchase %s applied: %s bought %s, +%d credits",
+                purchased.purchase_id,
+                purchased.user_id,
+                purchased.pack,
+                purchased.credits,
+            )
+        elif applied:
+            log.info("refund of purchase %s applied for %s", refunded.purchase_id, refunded.user_id)

@@ -15,11 +15,12 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.staticfiles import StaticFiles
 
+from services.proxy import openapi_spec as proxy_openapi
 from shared.broker import Topology, connect
 from shared.redis_client import probe, redis_client
 from shared.redis_holds import RedisHolds
 from shared.vendor import CHARTJS_DIR
-from shared.web import create_service_app
+from shared.web import TemplateMount, create_service_app
 
 from . import account_api, openai_api
 from .callers import Authenticator
@@ -156,8 +157,13 @@ def create_app(settings: ProxySettings | None = None) -> FastAPI:
     app.add_hot_routes(openai_api.hot_routes)
     app.include_router(account_api.router)
     # Chart.js for the portal's usage chart (the copy credits' dashboard uses too); before /portal.
-    app.mount("/portal/vendor", StaticFiles(directory=CHARTJS_DIR), name="portal-vendor")
-    app.mount("/portal", StaticFiles(directory=account_api.PORTAL_DIR), name="portal")
+    app.router.routes.append(
+        TemplateMount("/portal/vendor", StaticFiles(directory=CHARTJS_DIR), name="portal-vendor")
+    )
+    app.router.routes.append(
+        TemplateMount("/portal", StaticFiles(directory=account_api.PORTAL_DIR), name="portal")
+    )
+    proxy_openapi.describe(app)
     return app
 
 

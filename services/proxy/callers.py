@@ -26,6 +26,7 @@ import jwt
 from jwt.warnings import InsecureKeyLengthWarning
 
 from shared.errors import InvalidApiKey, Unauthorized
+from shared.logs import note_request
 
 from .downstream import CreditsClient, KeyOwner
 
@@ -48,6 +49,9 @@ class Caller:
     kind: CallerKind
     api_access_unlocked: bool = True
     key_id: str | None = None
+
+    def __post_init__(self) -> None:
+        note_request(user=self.user_id)  # for the access log line
 
 
 def parse_bearer(authorization: str | None) -> str | None:

@@ -13,6 +13,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from shared.errors import ApiAccessLocked, AppError, InvalidRequest, UpstreamError
+from shared.logs import note_request
 from shared.web import TemplateRoute
 
 from .callers import Caller, CallerKind
@@ -97,6 +98,8 @@ async def _metered(request: Request, operation: str) -> Response:
         body = loads_object(raw)
         if body is None:
             raise InvalidRequest("The request body must be a JSON object.")
+        model = body.get("model")
+        note_request(operation=operation, model=model if isinstance(model, str) else "")  # logs, metrics
         quote = proxy.pricing.quote(operation, body, raw)
         hold = await proxy.meter.hold(
             caller.user_id, quote, create_missing_user=caller.kind is CallerKind.INTERNAL

@@ -155,6 +155,8 @@ async def test_api_key_after_buying_pro_works_and_revoking_stops_it(
     await buy_through_test_checkout(page, stack, "pro", shoot)
     await expect(page.get_by_test_id("balance")).to_have_text("1,210 credits", timeout=20_000)
     await expect(page.get_by_test_id("account-api-access")).to_have_text("Unlocked")
+    await expect(page.get_by_test_id("toast-api-unlocked")).to_contain_text("API unlocked")
+    await shoot(page, "api-unlocked")
 
     await page.get_by_test_id("tab-keys").click()
     await expect(page.get_by_test_id("api-locked")).to_be_hidden()
@@ -184,16 +186,15 @@ async def test_api_key_after_buying_pro_works_and_revoking_stops_it(
 
     await eventually(charged, timeout=15)
 
-    # "I've saved it" hides the key for good.
-    await page.get_by_role("button", name="I've saved it").click()
-    await expect(shown).to_be_hidden()
-
+    # Revoked while its secret is still on screen: the secret goes with the key.
     key_id = await row.get_attribute("data-key-id")
     page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
     await page.get_by_test_id(f"revoke-{key_id}").click()
     await expect(page.get_by_test_id("api-key-row")).to_have_count(0)
     await expect(page.get_by_test_id("toast-revoked")).to_be_visible()
     await expect(page.get_by_test_id("revoked-api-key-row")).to_have_count(1)
+    await expect(shown).to_be_hidden()
+    assert key not in await page.content()
 
     loop = asyncio.get_running_loop()
     revoked_at = loop.time()
@@ -211,6 +212,24 @@ async def test_api_key_after_buying_pro_works_and_revoking_stops_it(
     assert loop.time() - revoked_at <= 5.5
     await sdk.close()
     await shoot(page, "keys-revoked")
+
+    # "I've saved it" hides a new key's secret for good.
+    await page.get_by_test_id("create-api-key").click()
+    await expect(shown).to_be_visible()
+    await page.get_by_role("button", name="I've saved it").click()
+    await expect(shown).to_be_hidden()
+
+    # A notice belongs to its page: leaving the page, or signing out, takes it away.
+    await expect(page.get_by_test_id("toast-revoked")).to_have_count(1)
+    await page.get_by_test_id("tab-pricing").click()
+    await expect(page.locator("#toasts > *")).to_have_count(0)
+    await page.get_by_test_id("tab-keys").click()
+    revoke = page.locator("[data-testid^=revoke-]").first
+    page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+    await revoke.click()
+    await expect(page.get_by_test_id("toast-revoked")).to_be_visible()
+    await page.locator("#signout").click()
+    await expect(page.locator("#toasts > *")).to_have_count(0)
 
 
 async def test_locked_api_message_names_the_pack(
@@ -245,7 +264,7 @@ async def test_empty_balance_banner(
     await expect(page.get_by_test_id("balance")).to_have_text("0 credits")
     await expect(page.get_by_test_id("empty-balance")).to_have_text(EMPTY)
     await expect(page.get_by_test_id("empty-balance")).to_be_visible()
-    await expect(page.get_by_test_id("low-balance-prompt")).to_be_visible()
+    await expect(page.get_by_test_id("low-balance-prompt")).to_be_hidden()  # the empty message says it all
     await shoot(page, "empty")
     await phone_shot(page, shoot, "empty")
 
@@ -307,3 +326,47 @@ async def test_tabs_are_keyboard_reachable(
     following = {"pricing": "history", "history": "keys", "keys": "pricing"}[tab]
     await expect(page.get_by_test_id(f"tab-{following}")).to_be_focused()
     await expect(page.get_by_test_id(f"tab-{following}")).to_have_attribute("aria-selected", "true")
+
+
+async def test_a_cancelled_checkout_reads_cancelled(
+    page: Page, stack: Stack, sign_in_url: Callable[..., str], new_user: Callable[[], str], shoot: Any
+) -> None:
+    await page.goto(sign_in_url(new_user()))
+    await expect(page.get_by_test_id("balance")).to_have_text("10 credits")
+    await page.get_by_test_id("buy-starter").click()
+    await page.wait_for_url(re.compile(re.escape(stack.billing.url) + r"/test-checkout/"))
+    # The long session id wraps instead of pushing the page sideways on a phone.
+    await page.set_viewport_size(PHONE)
+    await assert_fits_width(page)
+    await shoot(page, "checkout-phone")
+    await page.locator("button.cancel").click()
+    await page.wait_for_url(re.compile(re.escape(stack.proxy.url) + r"/"))
+    await expect(page.get_by_test_id("toast-checkout-cancel")).to_be_visible()
+    await page.get_by_test_id("tab-history").click()
+    await expect(page.get_by_test_id("purchase-row")).to_contain_text("Cancelled", timeout=15_000)
+    await expect(page.get_by_test_id("purchase-row")).not_to_contain_text("Expired")
+    await shoot(page, "history-cancelled")
+
+
+async def test_api_docs_render_offline(page: Page, stack: Stack, shoot: Any) -> None:
+    """/docs draws the gateway's API with Swagger UI from the project's own files: no request leaves
+    the machine, and the OpenAI-compatible endpoints are there with the ways to authenticate."""
+    elsewhere: list[str] = []
+
+    async def only_local(route: Any) -> None:
+        if route.request.url.startswith(("http://127.0.0.1", "http://localhost")):
+            await route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            await route.abort()
+
+    await page.route("**/*", only_local)
+    await page.goto(stack.proxy.url + "/docs")
+    await expect(page.locator(".swagger-ui .info .title")).to_contain_text("proxy")
+    await expect(page.locator(".opblock-summary-path", has_text="/v1/chat/completions")).to_be_visible()
+    await expect(page.locator(".opblock-summary-path", has_text="/v1/account/checkout")).to_be_visible()
+    await expect(page.locator("button.authorize")).to_be_visible()
+    await page.locator(".opblock-summary-path", has_text="/v1/chat/completions").first.click()
+    await expect(page.locator(".opblock-body").first).to_contain_text("X-Credits-Charged")
+    await shoot(page, "docs")
+    assert elsewhere == []

@@ -34,7 +34,9 @@
     pending: "Pending",
     paid: "Paid",
     failed: "Failed",
-    expired: "Expired",
+    // Billing records a checkout the customer cancelled (or left until Stripe expired it) as expired;
+    // to the customer it is a cancelled checkout.
+    expired: "Cancelled",
     refunded: "Refunded",
     partially_refunded: "Partially refunded"
   };
@@ -53,6 +55,7 @@
     historyStale: true,
     keysStale: true,
     buying: null,
+    newKeyId: null,
     balanceBeforeCheckout: null
   };
 
@@ -137,8 +140,10 @@
     this.unavailable = !!unavailable;
   }
 
-  function api(method, path, body) {
+  function api(method, path, body, poll) {
     var headers = { "Accept": "application/json" };
+    // A periodic refresh: the gateway logs it at DEBUG, not as an INFO line every few seconds.
+    if (poll) headers["X-Poll"] = "1";
     if (state.token) headers["Authorization"] = "Bearer " + state.token;
     var opts = { method: method, headers: headers, cache: "no-store", credentials: "same-origin" };
     if (body !== undefined) {
@@ -204,6 +209,7 @@
   }
 
   // ---------- toasts ----------
+  function clearToasts() { clear($("toasts")); }
   function toast(message, kind, testid) {
     var box = el("div", { className: "toast toast-" + (kind || "info"), role: "status", "data-testid": testid || "toast" }, [
       el("span", { text: message }),
@@ -272,8 +278,8 @@
     clear($("keys-body"));
     clear($("revoked-body"));
     show($("revoked-keys"), false);
-    $("new-key-value").textContent = "";
-    show($("new-key-box"), false);
+    hideNewKey();
+    clearToasts();
     markCurrentTier();
   }
   function showSignIn(message) {
@@ -302,9 +308,9 @@
   }
 
   // ---------- account / balance ----------
-  function refreshAccount() {
+  function refreshAccount(poll) {
     if (!state.token) return Promise.resolve();
-    return api("GET", "/v1/account").then(function (acct) {
+    return api("GET", "/v1/account", undefined, poll).then(function (acct) {
       var prev = state.account;
       state.account = acct;
       clearError(true);
@@ -327,7 +333,8 @@
     var bal = $("balance");
     if (bal.textContent !== text) bal.textContent = text;
     bal.classList.toggle("is-low", isLow(acct));
-    show($("low-balance-prompt"), isLow(acct));
+    // At 0 the empty banner says it all; the low-balance prompt is for a balance still above 0.
+    show($("low-balance-prompt"), isLow(acct) && remaining > 0);
     show($("empty-banner"), remaining <= 0);
 
     $("sum-tier").textContent = acct.tier ? titleCase(packNameOrTier(acct.tier)) : "Free";
@@ -352,6 +359,9 @@
         if (state.tab === "history" && state.txCursors.length === 1) loadHistory();
       }
       if (prev.api_access_unlocked !== acct.api_access_unlocked) {
+        if (acct.api_access_unlocked) {
+          toast("API unlocked \u2014 create a key under API keys to call the API from your code", "success", "toast-api-unlocked");
+        }
         state.keysStale = true;
         if (state.tab === "keys") loadKeys();
       }
@@ -372,7 +382,7 @@
     state.pollTimer = setTimeout(function () {
       if (!state.token) return;
       if (document.visibilityState === "hidden") { startPolling(); return; }
-      refreshAccount().then(function () { if (state.token) startPolling(); });
+      refreshAccount(true).then(function () { if (state.token) startPolling(); });
     }, delay);
   }
   function pollFast() {
@@ -401,6 +411,7 @@
     }
   }
   function goToTab(name) {
+    if (name !== state.tab) clearToasts();  // a notice belongs to the page it was raised on
     selectTab(name, false);
     loadTab(name);
   }
@@ -571,12 +582,25 @@
         el("td", {}, [el("span", { className: "tx-type tx-" + t.type, text: TX_TYPES[t.type] || titleCase(t.type) })]),
         el("td", { className: "num amount " + (amt > 0 ? "pos" : amt < 0 ? "neg" : ""), text: sign + numberFmt.format(Math.abs(amt)) }),
         el("td", { className: "num", text: numberFmt.format(Number(t.balance_after) || 0) }),
-        el("td", { className: "ref muted hide-phone", text: t.reference || "—" })
+        el("td", { className: "ref muted hide-phone", text: usageDetails(t) || t.reference || "—", title: t.reference || "" })
       ]));
     });
     show($("tx-empty"), rows.length === 0);
     var page = state.txCursors.length;
     $("tx-page").textContent = rows.length ? "Page " + page : "";
+  }
+
+  // "gpt-4o-mini · 12 in / 40 out tokens" for a usage row whose details say so.
+  function usageDetails(t) {
+    var d = t.details;
+    if (t.type !== "usage" || !d || typeof d !== "object") return "";
+    var parts = [];
+    if (d.model) parts.push(d.model);
+    else if (d.operation) parts.push(d.operation);
+    if (typeof d.input_tokens === "number" || typeof d.output_tokens === "number") {
+      parts.push(numberFmt.format(d.input_tokens || 0) + " in / " + numberFmt.format(d.output_tokens || 0) + " out tokens");
+    }
+    return parts.join(" \u00b7 ");
   }
 
   function loadPurchases() {
@@ -669,6 +693,8 @@
         el("td", { className: "nowrap", text: formatDate(k.revoked_at) })
       ]));
     });
+    // The secret of a key that is no longer active must not stay on screen.
+    if (state.newKeyId && !active.some(function (k) { return k.id === state.newKeyId; })) hideNewKey();
     show($("keys-empty"), active.length === 0);
     $("revoked-count").textContent = String(revoked.length);
     show($("revoked-keys"), revoked.length > 0);
@@ -686,6 +712,7 @@
     var body = name ? { name: name } : {};
     api("POST", "/v1/account/api-keys", body).then(function (res) {
       input.value = "";
+      state.newKeyId = res.id;
       $("new-key-value").textContent = res.key;
       $("copy-status").textContent = "";
       show($("new-key-box"), true);
@@ -706,6 +733,13 @@
       btn.disabled = false;
       btn.textContent = "Create key";
     });
+  }
+
+  function hideNewKey() {
+    state.newKeyId = null;
+    $("new-key-value").textContent = "";
+    $("copy-status").textContent = "";
+    show($("new-key-box"), false);
   }
 
   function copyKey() {
@@ -739,6 +773,7 @@
     btn.disabled = true;
     btn.textContent = "Revoking…";
     api("DELETE", "/v1/account/api-keys/" + encodeURIComponent(k.id)).then(function () {
+      if (k.id === state.newKeyId) hideNewKey();
       toast("Key " + label + " revoked", "info", "toast-revoked");
       return loadKeys();
     }, function (err) {
@@ -785,6 +820,7 @@
     else if (ev.key === "End") next = TABS[TABS.length - 1];
     if (next) {
       ev.preventDefault();
+      clearToasts();
       selectTab(next, true);
       loadTab(next);
     }
@@ -833,8 +869,7 @@
     $("create-key-form").addEventListener("submit", createKey);
     $("copy-key").addEventListener("click", copyKey);
     $("dismiss-key").addEventListener("click", function () {
-      $("new-key-value").textContent = "";
-      show($("new-key-box"), false);
+      hideNewKey();
       $("api-key-name").focus();
     });
     window.addEventListener("hashchange", function () {
