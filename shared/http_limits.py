@@ -49,9 +49,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         # Between the first byte of a request and the end of its headers.
         self._in_headers = False
+        self._began_here = False
         self._header_bytes = 0
         self._dropped_bytes = 0
-        self._read_deadline: asyncio.TimerHandle | None = None
+        self._deadline: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     @classmethod
     def configured(
@@ -69,18 +71,31 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         )
 
     # -- read deadline --------------------------------------------------------------------------
+    # Every request moves the deadline twice; a timer per move would be two timer handles per
+    # request on the hot path. One timer per connection instead, renewed only when it fires early.
 
     def _arm(self, seconds: float) -> None:
-        self._disarm()
-        self._read_deadline = self.loop.call_later(seconds, self._read_timed_out)
+        self._deadline = self.loop.time() + seconds
+        if self._timer is not None and self._timer.when() > self._deadline:
+            self._timer.cancel()
+            self._timer = None
+        if self._timer is None:
+            self._timer = self.loop.call_at(self._deadline, self._check_deadline)
 
     def _disarm(self) -> None:
-        if self._read_deadline is not None:
-            self._read_deadline.cancel()
-            self._read_deadline = None
+        self._deadline = None  # a pending timer finds nothing to do
+
+    def _check_deadline(self) -> None:
+        self._timer = None
+        if self._deadline is None:
+            return
+        if self.loop.time() < self._deadline:
+            self._timer = self.loop.call_at(self._deadline, self._check_deadline)
+            return
+        self._deadline = None
+        self._read_timed_out()
 
     def _read_timed_out(self) -> None:
-        self._read_deadline = None
         if self.transport.is_closing():
             return
         if self.cycle is None or self.cycle.response_complete or not self.cycle.response_started:
@@ -104,13 +119,19 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        self._began_here = False
         super().data_received(data)
-        if self._in_headers and not self.transport.is_closing():
+        if self._in_headers and not self._began_here and not self.transport.is_closing():
             # Counted after parsing, while a request's headers are still unfinished: the parser
-            # holds them in memory, so this bounds them at the limit plus one read.
+            # holds them in memory, so this bounds them at the limit plus two reads. The read in
+            # which the request began is not counted: it may as well hold the end of the previous
+            # (pipelined) request's body, which is no header.
             self._header_bytes += len(data)
             if self._header_bytes > self.max_header_bytes:
                 self._disarm()
@@ -127,6 +148,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_headers = True
+        self._began_here = True
         self._header_bytes = 0
         self._dropped_bytes = 0
         self._arm(self.header_timeout)
