@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 import hmac
+import re
+import secrets
 from collections.abc import Awaitable, Callable
 
 from fastapi import Request
 
 from shared.errors import Forbidden, Unauthorized
+
+# User API keys: the prefix and 24 random bytes in URL-safe base64 (32 characters). Credits mints
+# them; the proxy refuses any bearer value of another shape without asking credits.
+API_KEY_PREFIX = "cp_"
+_API_KEY_SHAPE = re.compile(r"cp_[A-Za-z0-9_-]{32}")
+
+
+def new_api_key() -> str:
+    return API_KEY_PREFIX + secrets.token_urlsafe(24)
+
+
+def has_api_key_shape(token: str) -> bool:
+    return _API_KEY_SHAPE.fullmatch(token) is not None
 
 
 def bearer_token(request: Request) -> str | None:
@@ -43,4 +58,14 @@ def admin_only() -> Callable[[Request], Awaitable[None]]:
     return require_token(lambda r: r.app.state.settings.admin_token, role="admin")
 
 
-__all__ = ["Forbidden", "admin_only", "bearer_token", "internal_only", "require_token", "token_matches"]
+__all__ = [
+    "API_KEY_PREFIX",
+    "Forbidden",
+    "admin_only",
+    "bearer_token",
+    "has_api_key_shape",
+    "internal_only",
+    "new_api_key",
+    "require_token",
+    "token_matches",
+]

@@ -1,4 +1,5 @@
-"""`python -m services.<name>`: settings from the environment, logging, uvicorn with uvloop/httptools."""
+"""`python -m services.<name>`: settings from the environment, logging, uvicorn with uvloop/httptools
+(with the request limits of `shared.http_limits`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 import uvicorn
 from pydantic import ValidationError
 
+from shared.http_limits import LimitedHttpToolsProtocol
 from shared.logs import configure_logging
 from shared.settings import SharedSettings
 
@@ -31,7 +33,12 @@ def serve(settings_cls: type[SharedSettings], app_factory: Callable[[Any], Any])
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        # uvicorn's httptools protocol with bounded header size and read times (shared.http_limits).
+        http=LimitedHttpToolsProtocol.configured(
+            max_header_bytes=settings.max_header_bytes,
+            header_timeout=settings.header_read_timeout_seconds,
+            body_timeout=settings.body_read_timeout_seconds,
+        ),
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=20,

@@ -13,6 +13,9 @@ DEV_SECRETS: dict[str, str] = {
     "user_token_secret": "dev-user-token-secret",
 }
 
+# Where `make run` serves the gateway (CONTRACT §2: PUBLIC_BASE_URL's development default).
+DEV_PUBLIC_BASE_URL = "http://127.0.0.1:8000"
+
 
 class SharedSettings(BaseSettings):
     model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
@@ -22,6 +25,8 @@ class SharedSettings(BaseSettings):
     default_port: ClassVar[int] = 8000
     # Secrets a service really uses; only these are checked in production.
     secret_fields: ClassVar[tuple[str, ...]] = ("internal_token",)
+    # Services that hand out URLs (proxy, billing) need PUBLIC_BASE_URL in production (CONTRACT §2).
+    hands_out_urls: ClassVar[bool] = False
 
     host: str = "127.0.0.1"
     port: int = 0
@@ -32,10 +37,19 @@ class SharedSettings(BaseSettings):
     internal_token: str = DEV_SECRETS["internal_token"]
     admin_token: str = DEV_SECRETS["admin_token"]
     user_token_secret: str = DEV_SECRETS["user_token_secret"]
-    max_body_bytes: int = 10 * 1024 * 1024
+    max_body_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
+    # Request line and headers; a larger request is refused with 431 (shared.http_limits).
+    max_header_bytes: int = Field(default=64 * 1024, gt=0)
+    # A request's headers must arrive within this of its first byte (or of the connection), and its
+    # body within the next; a slower client is answered 408 and disconnected.
+    header_read_timeout_seconds: float = Field(default=10.0, gt=0)
+    body_read_timeout_seconds: float = Field(default=60.0, gt=0)
     low_balance_threshold: int = 5
     log_level: str = "INFO"
     log_json: bool = True
+    # The gateway's public address: the only base of URLs handed out (checkout return pages,
+    # redirects), never a request's Host header. Development default: the local gateway.
+    public_base_url: str = ""
 
     @model_validator(mode="after")
     def _defaults_and_production_secrets(self) -> SharedSettings:
@@ -51,6 +65,14 @@ class SharedSettings(BaseSettings):
                 raise ValueError(
                     "refusing to start in production with development secrets: " + ", ".join(still_default)
                 )
+            if self.hands_out_urls and not self.public_base_url:
+                raise ValueError(
+                    "PUBLIC_BASE_URL is required in production: the gateway's public address, the base of "
+                    "every URL this service hands out"
+                )
+        if self.public_base_url and not self.public_base_url.startswith(("http://", "https://")):
+            raise ValueError("PUBLIC_BASE_URL must be an absolute http(s) URL")
+        self.public_base_url = (self.public_base_url or DEV_PUBLIC_BASE_URL).rstrip("/")
         return self
 
 

@@ -41,9 +41,10 @@ class RequestContextMiddleware:
     access logger is enabled for INFO.
     """
 
-    def __init__(self, app: ASGIApp, service: str) -> None:
+    def __init__(self, app: ASGIApp, service: str, public_base_url: str = "") -> None:
         self.app = app
         self.service = service
+        self._public_base = public_base_url.rstrip("/").encode()
         self._rid_header = REQUEST_ID_HEADER.encode()
         self._observers: dict[tuple[str, str, int], Callable[[float], None]] = {}
 
@@ -84,7 +85,10 @@ class RequestContextMiddleware:
                 for name, value in message.get("headers", ()):
                     if name == _CHARGED_HEADER:
                         charged = value.decode("latin-1")
-                message["headers"] = [*message.get("headers", ()), rid_pair]
+                headers = [*message.get("headers", ()), rid_pair]
+                if 300 <= status < 400:
+                    headers = self._rebased_location(headers, scope)
+                message["headers"] = headers
             await send(message)
 
         try:
@@ -129,6 +133,27 @@ class RequestContextMiddleware:
                 )
             request_notes_var.reset(notes_token)
             request_id_var.reset(token)
+
+    def _rebased_location(
+        self, headers: list[tuple[bytes, bytes]], scope: Scope
+    ) -> list[tuple[bytes, bytes]]:
+        """A redirect Starlette built from the request's own URL (the trailing-slash redirect) names
+        the `Host` the client sent, which anyone can set: it is rebased on PUBLIC_BASE_URL, or made
+        a path without a host where a service has none (CONTRACT §2)."""
+        host = next((value for name, value in scope["headers"] if name == b"host"), None)
+        if host is None:
+            return headers
+        rebased = []
+        for name, value in headers:
+            if name == b"location":
+                for scheme in (b"http://", b"https://"):
+                    origin = scheme + host
+                    rest = value[len(origin) :]
+                    if value.startswith(origin) and (not rest or rest[:1] in b"/?#"):
+                        value = self._public_base + (rest if rest[:1] == b"/" else b"/" + rest)
+                        break
+            rebased.append((name, value))
+        return rebased
 
 
 class TemplateRoute(Route):
@@ -265,6 +290,7 @@ class BodyLimitMiddleware:
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
                     # Raised inside body parsing, so the app's handlers answer with the 413 envelope.
+                    # What the client still sends after it is read only briefly (shared.http_limits).
                     raise StarletteHTTPException(413, f"Request body exceeds {self.max_bytes} bytes.")
             return message
 
@@ -275,6 +301,7 @@ def create_service_app(
     service: str,
     *,
     max_body_bytes: int,
+    public_base_url: str = "",
     lifespan: Any = None,
     title: str | None = None,
     telemetry: TelemetryConfig | None = None,
@@ -284,7 +311,8 @@ def create_service_app(
     The service registers its readiness checks in `app.state.readiness_checks` (name → async callable
     that raises when the dependency does not work) during its lifespan. `telemetry` is passed to
     FastAPI (e.g. `{"tracing": False, "metrics": False, "logs": False}` skips its per-request
-    OpenTelemetry checks on a hot path; metrics come from Prometheus here).
+    OpenTelemetry checks on a hot path; metrics come from Prometheus here). `public_base_url` is
+    the base of redirects built from the request's URL (none: a path without a host).
     """
     app = ServiceApp(
         title=title or f"credit-proxy {service}",
@@ -298,7 +326,7 @@ def create_service_app(
     install_docs(app)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
-    app.add_middleware(RequestContextMiddleware, service=service)
+    app.add_middleware(RequestContextMiddleware, service=service, public_base_url=public_base_url)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:

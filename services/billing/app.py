@@ -90,7 +90,12 @@ def create_app(settings: BillingSettings) -> FastAPI:
             await relay.stop()
             await engine.dispose()
 
-    app = create_service_app("billing", max_body_bytes=settings.max_body_bytes, lifespan=lifespan)
+    app = create_service_app(
+        "billing",
+        max_body_bytes=settings.max_body_bytes,
+        public_base_url=settings.public_base_url,
+        lifespan=lifespan,
+    )
     app.state.settings = settings
     app.include_router(router)
     billing_openapi.describe(app)

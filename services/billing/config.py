@@ -16,6 +16,7 @@ class BillingSettings(DatabaseSettings):
     service_name: ClassVar[str] = "billing"
     default_port: ClassVar[int] = 8001
     secret_fields: ClassVar[tuple[str, ...]] = ("internal_token", "admin_token")
+    hands_out_urls: ClassVar[bool] = True
 
     stripe_api_key: str | None = None
     stripe_webhook_secret: str | None = None
@@ -23,7 +24,8 @@ class BillingSettings(DatabaseSettings):
     stripe_api_base: str | None = None
     packs_file: str | None = None
     # Where Stripe sends the customer back: `?checkout=success` / `?checkout=cancel` are appended.
-    portal_url: str = "http://127.0.0.1:8000/"
+    # Unset: the portal at PUBLIC_BASE_URL.
+    portal_url: str = ""
     # Billing's own address as a browser sees it; the local test checkout page lives under it.
     billing_public_url: str = "http://127.0.0.1:8001"
     outbox_poll_seconds: float = 1.0
@@ -31,13 +33,17 @@ class BillingSettings(DatabaseSettings):
 
     @model_validator(mode="after")
     def _stripe_in_production(self) -> BillingSettings:
-        if self.environment.lower() == "production":
-            if not self.stripe_api_key:
-                raise ValueError(
-                    "STRIPE_API_KEY is required in production (local test mode is for development)"
-                )
-            if not self.stripe_webhook_secret:
-                raise ValueError("STRIPE_WEBHOOK_SECRET is required in production")
+        if self.environment.lower() == "production" and not self.stripe_api_key:
+            raise ValueError("STRIPE_API_KEY is required in production (local test mode is for development)")
+        if self.stripe_api_key and not self.stripe_webhook_secret:
+            # The development secret is public: with real Stripe behind it, anyone could sign a
+            # webhook that credits any account.
+            raise ValueError(
+                "STRIPE_WEBHOOK_SECRET is required when STRIPE_API_KEY is set (the signing secret of "
+                "the webhook endpoint in Stripe's dashboard)"
+            )
+        if not self.portal_url:
+            self.portal_url = f"{self.public_base_url}/"
         return self
 
     @property
@@ -47,8 +53,8 @@ class BillingSettings(DatabaseSettings):
 
     @property
     def webhook_secret(self) -> str:
-        # Outside production an unset secret falls back to the dev one, so local test mode signs and
-        # verifies with the same value; production refuses to start without a real one (above).
+        # In local test mode (no Stripe key) an unset secret falls back to the dev one, so the test
+        # checkout signs and verifies with the same value; with a Stripe key it is required (above).
         return self.stripe_webhook_secret or DEV_WEBHOOK_SECRET
 
     def success_url(self) -> str:

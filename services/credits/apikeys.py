@@ -10,9 +10,10 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.credits import store
+from shared.auth import API_KEY_PREFIX, new_api_key
 from shared.errors import ApiAccessLocked, InvalidApiKey, NotFound
 
-KEY_PREFIX = "cp_"
+KEY_PREFIX = API_KEY_PREFIX
 PREFIX_SHOWN = 10  # "cp_" + 7 characters identify a key in lists without revealing it
 
 
@@ -35,7 +36,7 @@ class ApiKeys:
         self.engine = engine
 
     async def create(self, user_id: str, name: str | None) -> dict[str, Any]:
-        key = KEY_PREFIX + secrets.token_urlsafe(24)  # 32 url-safe characters
+        key = new_api_key()
         key_id = "key_" + secrets.token_hex(8)
         async with self.engine.begin() as conn:
             account = await store.get_account(conn, user_id)

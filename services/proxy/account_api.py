@@ -27,9 +27,13 @@ def _proxy(request: Request) -> Proxy:
     return proxy
 
 
-async def _account_caller(request: Request) -> tuple[Proxy, Caller]:
+async def _account_caller(request: Request, *, read_only: bool = False) -> tuple[Proxy, Caller]:
+    """The user acting: a sign-in token or the internal token; for the reads (`read_only`) also a
+    user API key (CONTRACT §6.3), which may not manage keys or start a checkout (403)."""
     proxy = _proxy(request)
-    caller = proxy.auth.for_account(request.headers.get("authorization"), request.headers.get("x-user-id"))
+    caller = await proxy.auth.for_account(
+        request.headers.get("authorization"), request.headers.get("x-user-id"), allow_api_key=read_only
+    )
     # The first sight of a user creates their account (with the signup credits, once).
     await proxy.credits.ensure_user(caller.user_id)
     return proxy, caller
@@ -52,20 +56,20 @@ async def packs(request: Request) -> Any:
 
 @router.get("/v1/account")
 async def account(request: Request) -> Any:
-    proxy, caller = await _account_caller(request)
+    proxy, caller = await _account_caller(request, read_only=True)
     return await proxy.credits.account(caller.user_id)
 
 
 @router.get("/v1/account/transactions")
 async def transactions(request: Request) -> Any:
-    proxy, caller = await _account_caller(request)
+    proxy, caller = await _account_caller(request, read_only=True)
     query = {k: v for k, v in request.query_params.items() if k in ("limit", "before")}
     return await proxy.credits.transactions(caller.user_id, query)
 
 
 @router.get("/v1/account/purchases")
 async def purchases(request: Request) -> Any:
-    proxy, caller = await _account_caller(request)
+    proxy, caller = await _account_caller(request, read_only=True)
     return await proxy.billing.purchases(caller.user_id)
 
 
@@ -76,7 +80,8 @@ async def checkout(request: Request) -> Any:
     pack = body.get("pack")
     if not isinstance(pack, str) or not pack:
         raise InvalidRequest("pack: a pack id is required.")
-    base = proxy.settings.public_base_url.rstrip("/") or str(request.base_url).rstrip("/")
+    # Never the request's Host header: that would let a link's sender pick where Stripe returns to.
+    base = proxy.settings.public_base_url
     return await proxy.billing.checkout(
         {
             "user_id": caller.user_id,

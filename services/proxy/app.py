@@ -149,6 +149,7 @@ def create_app(settings: ProxySettings | None = None) -> FastAPI:
     app = create_service_app(
         "proxy",
         max_body_bytes=settings.max_body_bytes,
+        public_base_url=settings.public_base_url,
         lifespan=lifespan,
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )

@@ -14,11 +14,10 @@ class ProxySettings(SharedSettings, RedisSettings):
     default_port: ClassVar[int] = 8000
     secret_fields: ClassVar[tuple[str, ...]] = ("internal_token", "user_token_secret")
 
+    hands_out_urls: ClassVar[bool] = True
+
     credits_url: str = "http://127.0.0.1:8002"
     billing_url: str = "http://127.0.0.1:8001"
-    # Where the proxy's own portal is reachable from a browser; checkout returns there. Empty: the
-    # scheme and host of the request that started the checkout.
-    public_base_url: str = ""
 
     openai_api_key: str | None = None
     openai_base_url: str = "https://api.openai.com/v1"

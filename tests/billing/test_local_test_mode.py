@@ -118,7 +118,11 @@ async def test_test_checkout_does_not_exist_with_a_stripe_key(
 
 
 def test_production_refuses_local_test_mode() -> None:
-    secrets = {"internal_token": "prod-internal", "admin_token": "prod-admin"}
+    secrets = {
+        "internal_token": "prod-internal",
+        "admin_token": "prod-admin",
+        "public_base_url": "https://gateway.example.com",
+    }
     with pytest.raises(ValidationError, match="STRIPE_API_KEY"):
         BillingSettings(environment="production", **secrets)
     with pytest.raises(ValidationError, match="STRIPE_WEBHOOK_SECRET"):

@@ -79,7 +79,8 @@ async def test_purchase_credits_through_the_test_checkout(
         assert page.status_code == 200 and "TEST MODE" in page.text
         paid = await browser.post(pay_form_action(url, page.text))
     assert paid.status_code == 303
-    assert paid.headers["location"] == f"{client_stack.proxy.url}/?checkout=success"
+    # The portal at PUBLIC_BASE_URL (its development default here), never the request's Host.
+    assert paid.headers["location"] == f"{client_stack.proxy.settings.public_base_url}/?checkout=success"
 
     account = await balance_becomes(client_stack, user, 510)
     assert account["tier"] == "standard" and account["credits_purchased_total"] == 500

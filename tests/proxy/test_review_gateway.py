@@ -68,12 +68,9 @@ async def test_api_key_charges_its_owner_whatever_x_user_id_says(
     assert r.headers["x-credits-charged"] == "1" and r.headers["x-credits-remaining"] == "4"
     await credits.settled(owner, 4, usage_total=1)
     await credits.settled(victim, 5, usage_total=0)
-    # An API key is not an account credential, with or without X-User-Id.
-    for headers in (
-        {"Authorization": f"Bearer {key}"},
-        {"Authorization": f"Bearer {key}", "X-User-Id": owner},
-    ):
-        _error(await gateway.get("/v1/account", headers=headers), 401, "unauthorized")
+    # On the account reads an API key is its owner's too (CONTRACT §6.3), whatever X-User-Id says.
+    r = await gateway.get("/v1/account", headers={"Authorization": f"Bearer {key}", "X-User-Id": victim})
+    assert r.status_code == 200 and r.json()["user_id"] == owner, r.text
 
 
 async def test_jwt_acts_for_its_subject_whatever_x_user_id_says(

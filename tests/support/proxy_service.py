@@ -16,7 +16,7 @@ from fastapi import FastAPI
 
 from services.proxy.app import create_app
 from services.proxy.config import ProxySettings
-from tests.support.servers import serve_app
+from tests.support.servers import bound_socket, serve_app
 
 
 @dataclass
@@ -41,6 +41,9 @@ async def running_proxy(
     broker_namespace: str = "",
     **overrides: Any,
 ) -> AsyncIterator[RunningProxy]:
+    # Bound first, so PUBLIC_BASE_URL (the base of URLs the gateway hands out) can be its own address.
+    sock = bound_socket()
+    overrides.setdefault("public_base_url", f"http://127.0.0.1:{sock.getsockname()[1]}")
     settings = ProxySettings(
         credits_url=credits_url,
         billing_url=billing_url,
@@ -52,5 +55,5 @@ async def running_proxy(
         **overrides,
     )
     app = create_app(settings)
-    async with serve_app(app) as url:
+    async with serve_app(app, sock=sock) as url:
         yield RunningProxy(url=url, settings=settings, app=app)
