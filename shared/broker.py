@@ -79,12 +79,26 @@ async def declare_topology(channel: AbstractChannel, topology: Topology) -> Abst
 
 
 def work_queue_arguments(topology: Topology) -> dict[str, Any]:
-    """Arguments of every work queue; deploy/rabbitmq/definitions.json must declare the same ones."""
+    """Arguments of every work queue; deploy/rabbitmq/definitions.json must declare the same ones.
+
+    Dead letters at least once: a quorum queue keeps a dead-lettered message until the dead-letter
+    queue has confirmed it (the default, at-most-once, drops it if that queue is unavailable just
+    then). RabbitMQ applies the strategy only with `x-overflow: reject-publish`."""
     return {
         "x-queue-type": "quorum",
         "x-dead-letter-exchange": topology.dead_letter_exchange,
         "x-delivery-limit": DELIVERY_LIMIT,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
     }
+
+
+# The same two settings as a policy, for queues declared before them (a queue's arguments cannot
+# change, and declaring it with others fails with PRECONDITION_FAILED). deploy/rabbitmq/definitions.json
+# carries it; elsewhere: rabbitmqctl set_policy --apply-to queues <name> '<pattern>' '<definition>'.
+DEAD_LETTER_POLICY_NAME = "credit-proxy-dead-letters-at-least-once"
+DEAD_LETTER_POLICY_PATTERN = r"^(credits\.billing-events|ai\.requests)(\..+)?$"
+DEAD_LETTER_POLICY = {"dead-letter-strategy": "at-least-once", "overflow": "reject-publish"}
 
 
 async def declare_work_queue(
@@ -96,6 +110,39 @@ async def declare_work_queue(
     for key in routing_keys:
         await queue.bind(topology.events_exchange, routing_key=key)
     return queue
+
+
+async def _declare_or_adopt_work_queue(
+    connection: AbstractRobustConnection,
+    topology: Topology,
+    name: str,
+    routing_keys: Sequence[str],
+    prefetch: int,
+) -> tuple[AbstractChannel, AbstractQueue]:
+    """Declares the work queue; one declared earlier with other arguments (before at-least-once
+    dead-lettering) is used as it is, with an error in the log naming the policy that gives it the
+    new settings without a redeclare (the broker closed the first channel on PRECONDITION_FAILED)."""
+    channel = await connection.channel()
+    await channel.set_qos(prefetch_count=prefetch)
+    await declare_topology(channel, topology)
+    try:
+        return channel, await declare_work_queue(channel, topology, name, routing_keys)
+    except aio_pika.exceptions.ChannelPreconditionFailed as exc:
+        log.error(
+            "queue %s exists with other arguments (%s); using it as it is. Dead letters are at least "
+            "once only under the policy: rabbitmqctl set_policy --apply-to queues %s '%s' '%s'",
+            topology.name(name),
+            exc,
+            DEAD_LETTER_POLICY_NAME,
+            DEAD_LETTER_POLICY_PATTERN,
+            orjson.dumps(DEAD_LETTER_POLICY).decode(),
+        )
+    channel = await connection.channel()
+    await channel.set_qos(prefetch_count=prefetch)
+    queue = await channel.declare_queue(topology.name(name), passive=True)
+    for key in routing_keys:
+        await queue.bind(topology.events_exchange, routing_key=key)
+    return channel, queue
 
 
 def build_message(body: bytes, *, message_id: str, type_: str, **props: Any) -> aio_pika.Message:
@@ -176,10 +223,9 @@ async def consume(
     prefetch: int = 32,
 ) -> tuple[AbstractChannel, AbstractQueue, str]:
     """Starts a consumer. Returns (channel, queue, consumer_tag) so the caller can cancel it on shutdown."""
-    channel = await connection.channel()
-    await channel.set_qos(prefetch_count=prefetch)
-    await declare_topology(channel, topology)
-    queue = await declare_work_queue(channel, topology, queue_name, routing_keys)
+    channel, queue = await _declare_or_adopt_work_queue(
+        connection, topology, queue_name, routing_keys, prefetch
+    )
 
     async def on_message(message: AbstractIncomingMessage) -> None:
         rid = (message.headers or {}).get(REQUEST_ID_HEADER)

@@ -46,4 +46,11 @@ if ! port_open 5672; then
 fi
 # The AMQP port opens a little before the broker accepts logins; give it a moment.
 wait_for "RabbitMQ login" "rabbitmqctl -q status" 60 || true
+# Dead letters at least once also for queues declared before the services asked for it (a queue's
+# arguments cannot change; a policy can). The same policy as deploy/rabbitmq/definitions.json; idempotent.
+if command -v rabbitmqctl >/dev/null; then
+  rabbitmqctl -q set_policy --apply-to queues credit-proxy-dead-letters-at-least-once \
+    '^(credits\.billing-events|ai\.requests)(\..+)?$' \
+    '{"dead-letter-strategy":"at-least-once","overflow":"reject-publish"}' >/dev/null 2>&1 || true
+fi
 echo "ensure-infra: PostgreSQL, Redis and RabbitMQ are up"

@@ -89,3 +89,26 @@ def test_guest_user_for_development(definitions: dict[str, Any]) -> None:
     assert hashlib.sha256(salt + b"guest").digest() == digest
     permissions = [p for p in definitions["permissions"] if p["user"] == "guest"]
     assert permissions == [{"user": "guest", "vhost": "/", "configure": ".*", "write": ".*", "read": ".*"}]
+
+
+def test_dead_letter_policy_covers_queues_declared_before_at_least_once(definitions: dict[str, Any]) -> None:
+    """Queues declared with the older arguments get the same dead-letter settings from the policy."""
+    import re
+
+    from shared.broker import DEAD_LETTER_POLICY, DEAD_LETTER_POLICY_NAME, DEAD_LETTER_POLICY_PATTERN
+
+    (policy,) = definitions["policies"]
+    assert policy["name"] == DEAD_LETTER_POLICY_NAME
+    assert policy["pattern"] == DEAD_LETTER_POLICY_PATTERN
+    assert policy["apply-to"] == "queues"
+    assert policy["definition"] == DEAD_LETTER_POLICY
+    assert {k: WORK_QUEUE_ARGUMENTS[f"x-{k}"] for k in DEAD_LETTER_POLICY} == DEAD_LETTER_POLICY
+    for name in (
+        "credits.billing-events",
+        "ai.requests",
+        "ai.requests.test-1234",
+        "credits.billing-events.x",
+    ):
+        assert re.match(policy["pattern"], name), name
+    for name in ("credit_proxy.dead_letters", "ai.requestsX", "other.ai.requests"):
+        assert not re.match(policy["pattern"], name), name
