@@ -810,7 +810,7 @@ class Ledger:
     async def analytics(self, first: date | None = None, last: date | None = None) -> dict[str, Any]:
         """The operator's figures for the UTC days first..last (None: unbounded); see analytics.py."""
         async with self.engine.begin() as conn:
-            await store.force_custom_plans(conn)
+            await store.analytics_settings(conn)
             sources = analytics.Sources(
                 ledger=await store.ledger_groups(conn, first, last),
                 packs=await store.pack_sales(conn, first, last),

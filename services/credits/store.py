@@ -657,11 +657,11 @@ async def buyers(conn: AsyncConnection, first: date | None, last: date | None) -
         WITH counts AS (
             SELECT user_id, count(*) AS n FROM purchases WHERE {in_range} GROUP BY user_id
         ), gaps AS (
+            -- The purchases_user_applied index hands these over in window order (no sort).
             SELECT applied_at,
                    extract(epoch FROM applied_at - lag(applied_at) OVER (
                        PARTITION BY user_id ORDER BY applied_at, purchase_id)) / 86400 AS days
-            FROM purchases WHERE user_id IN (SELECT user_id FROM counts)
-              {"AND applied_at < :hi" if hi is not None else ""}
+            FROM purchases WHERE {_bounds("applied_at", None, hi)}
         )
         SELECT (SELECT count(*) FROM counts) AS paying,
                (SELECT count(*) FROM counts WHERE n >= 2) AS repeat,
@@ -697,10 +697,12 @@ async def account_groups(conn: AsyncConnection, first: date | None, last: date |
     return list(await conn.execute(text(query), {"lo": lo, "hi": hi}))
 
 
-async def force_custom_plans(conn: AsyncConnection) -> None:
-    """Plans each statement for its own bounds: a generic plan of `created_at >= $1` guesses a third
-    of the table and scans it all."""
+async def analytics_settings(conn: AsyncConnection) -> None:
+    """For this transaction: each statement planned for its own bounds (a generic plan of
+    `created_at >= $1` guesses a third of the table and scans it all), and sorts and hashes of a
+    hundred thousand accounts in memory rather than on disk."""
     await conn.execute(text("SET LOCAL plan_cache_mode = force_custom_plan"))
+    await conn.execute(text("SET LOCAL work_mem = '64MB'"))
 
 
 # ---------------------------------------------------------------- outbox
