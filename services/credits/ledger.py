@@ -817,6 +817,7 @@ class Ledger:
                 money=await store.money_days(conn, first, last),
                 buyers=await store.buyers(conn, first, last),
                 accounts=await store.account_groups(conn, first, last),
+                cohort=await store.cohort_funnel(conn, first, last) if first else None,
             )
         data = analytics.report(sources)
         data["from"] = first.isoformat() if first else None
