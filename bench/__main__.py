@@ -5,6 +5,8 @@
    bench/.litellm from PyPI; `--no-litellm` skips it).
 2. bench.reservations — reserve+commit pairs per second at the credits service, through HTTP (single
    and batched commits) and through its Lua scripts alone, and a reserve's latency at concurrency 1.
+3. bench.analytics — GET /v1/admin/analytics and the operator dashboard's first load over a million
+   ledger rows and 100k users, all time and one month.
 
 Both start their own processes, databases, Redis namespaces and broker names and remove them after.
 Servers run with LOG_LEVEL=WARNING (INFO writes one access line per request).
@@ -26,15 +28,18 @@ def main() -> int:
     args = parser.parse_args()
     proxy = [sys.executable, "-m", "bench.proxy_bench", "--log-level", "WARNING"]
     reservations = [sys.executable, "-m", "bench.reservations"]
+    analytics = [sys.executable, "-m", "bench.analytics"]
     if not args.no_litellm:
         proxy.append("--litellm")
     if args.quick:
         proxy += ["--requests", "1000", "--seconds", "3"]
         reservations += ["--seconds", "3"]
+        analytics += ["--repeat", "5"]
     failed = 0
     for title, argv in (
         ("proxy: added latency and throughput", proxy),
         ("credits: reservations", reservations),
+        ("credits: operator analytics", analytics),
     ):
         print(f"\n=== {title} ===\n", flush=True)
         failed |= subprocess.run(argv, check=False).returncode

@@ -36,6 +36,7 @@ class Sources:
     money: Sequence[Any]  # store.money_days rows
     buyers: Any  # store.buyers row
     accounts: Sequence[Any]  # store.account_groups rows
+    cohort: Any = None  # store.cohort_funnel row; None for a range open at the start (every account)
 
 
 def report(src: Sources) -> dict[str, Any]:
@@ -124,7 +125,6 @@ def report(src: Sources) -> dict[str, Any]:
 
     tiers: dict[str, int] = {"free": 0}
     total_users = remaining = 0
-    funnel = {"signed_up": 0, "bought": 0, "bought_again": 0}
     for a in src.accounts:
         if a.by_day:
             if a.day is not None:
@@ -133,9 +133,13 @@ def report(src: Sources) -> dict[str, Any]:
         tiers[a.tier] = int(a.users)
         total_users += int(a.users)
         remaining += int(a.remaining)
-        funnel["signed_up"] += int(a.signed_up)
-        funnel["bought"] += int(a.bought)
-        funnel["bought_again"] += int(a.bought_again)
+    # Signed up in the range → bought by its end → bought again.
+    if src.cohort is not None:
+        c = src.cohort
+        funnel = {"signed_up": int(c.signed_up), "bought": int(c.bought), "bought_again": int(c.bought_again)}
+    else:
+        b = src.buyers
+        funnel = {"signed_up": total_users, "bought": int(b.ever_bought), "bought_again": int(b.bought_twice)}
 
     paying = int(src.buyers.paying)
     median = src.buyers.median_days

@@ -985,13 +985,14 @@ class Ledger:
     async def analytics(self, first: date | None = None, last: date | None = None) -> dict[str, Any]:
         """The operator's figures for the UTC days first..last (None: unbounded); see analytics.py."""
         async with self.engine.begin() as conn:
-            await store.force_custom_plans(conn)
+            await store.analytics_settings(conn)
             sources = analytics.Sources(
                 ledger=await store.ledger_groups(conn, first, last),
                 packs=await store.pack_sales(conn, first, last),
                 money=await store.money_days(conn, first, last),
                 buyers=await store.buyers(conn, first, last),
                 accounts=await store.account_groups(conn, first, last),
+                cohort=await store.cohort_funnel(conn, first, last) if first else None,
             )
         data = analytics.report(sources)
         data["from"] = first.isoformat() if first else None

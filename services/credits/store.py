@@ -620,21 +620,25 @@ async def pack_sales(conn: AsyncConnection, first: date | None, last: date | Non
     hi = _day_start(last + timedelta(days=1)) if last else None
     query = f"""
         WITH sold AS (
-            SELECT pack, count(*) AS sold, sum(amount_cents) AS cents,
-                   (array_agg(amount_cents ORDER BY applied_at DESC, purchase_id))[1] AS price_cents,
-                   (array_agg(credits ORDER BY applied_at DESC, purchase_id))[1] AS pack_credits
+            SELECT pack, count(*) AS sold, sum(amount_cents) AS cents
             FROM purchases WHERE {_bounds("applied_at", lo, hi)} GROUP BY pack
         ), refunded AS (
-            SELECT p.pack, sum(r.cents) AS cents,
-                   (array_agg(p.amount_cents ORDER BY p.applied_at DESC, p.purchase_id))[1] AS price_cents,
-                   (array_agg(p.credits ORDER BY p.applied_at DESC, p.purchase_id))[1] AS pack_credits
+            SELECT p.pack, sum(r.cents) AS cents
             FROM purchase_refunds r JOIN purchases p ON p.purchase_id = r.purchase_id
             WHERE {_bounds("r.refunded_at", lo, hi)} GROUP BY p.pack
         )
-        SELECT COALESCE(s.pack, f.pack) AS pack, COALESCE(s.sold, 0) AS sold, COALESCE(s.cents, 0) AS cents,
-               COALESCE(f.cents, 0) AS refunded_cents, COALESCE(s.price_cents, f.price_cents) AS price_cents,
-               COALESCE(s.pack_credits, f.pack_credits) AS pack_credits
-        FROM sold s FULL JOIN refunded f ON f.pack = s.pack
+        SELECT x.pack, COALESCE(s.sold, 0) AS sold, COALESCE(s.cents, 0) AS cents,
+               COALESCE(f.cents, 0) AS refunded_cents, latest.amount_cents AS price_cents,
+               latest.credits AS pack_credits
+        FROM (SELECT pack FROM sold UNION SELECT pack FROM refunded) x
+        LEFT JOIN sold s ON s.pack = x.pack
+        LEFT JOIN refunded f ON f.pack = x.pack
+        -- The pack's price and credits: those of its latest purchase up to the end of the range.
+        CROSS JOIN LATERAL (
+            SELECT q.amount_cents, q.credits FROM purchases q
+            WHERE q.pack = x.pack {"AND q.applied_at < :hi" if hi is not None else ""}
+            ORDER BY q.applied_at DESC, q.purchase_id DESC LIMIT 1
+        ) latest
         ORDER BY 5, 1
     """
     return list(await conn.execute(text(query), {"lo": lo, "hi": hi}))
@@ -660,59 +664,84 @@ async def money_days(conn: AsyncConnection, first: date | None, last: date | Non
 
 
 async def buyers(conn: AsyncConnection, first: date | None, last: date | None) -> Any:
-    """(paying users, of them with 2+ purchases, median days between a purchase in the range and the
-    same user's previous purchase) over the range."""
+    """One pass over the purchases up to the end of the range, in each user's order (from the
+    purchases_user_applied index): paying users in the range and of them those with 2+ purchases in
+    it; users who ever bought by the end of the range and of them those who bought twice; the median
+    days between a purchase in the range and the same user's previous purchase."""
     lo = _day_start(first) if first else None
     hi = _day_start(last + timedelta(days=1)) if last else None
-    in_range = _bounds("applied_at", lo, hi)
+    # A range with a start needs only its buyers' purchases (ever_bought and bought_twice, which
+    # count every buyer, are used for a range open at the start only).
+    buyers_in_range = (
+        f"AND user_id IN (SELECT user_id FROM purchases WHERE {_bounds('applied_at', lo, hi)})"
+        if lo is not None
+        else ""
+    )
     query = f"""
-        WITH counts AS (
-            SELECT user_id, count(*) AS n FROM purchases WHERE {in_range} GROUP BY user_id
-        ), gaps AS (
-            SELECT applied_at,
-                   extract(epoch FROM applied_at - lag(applied_at) OVER (
-                       PARTITION BY user_id ORDER BY applied_at, purchase_id)) / 86400 AS days
-            FROM purchases WHERE user_id IN (SELECT user_id FROM counts)
-              {"AND applied_at < :hi" if hi is not None else ""}
+        WITH p AS (
+            SELECT user_id, {"applied_at >= :lo" if lo is not None else "true"} AS in_range,
+                   extract(epoch FROM applied_at - lag(applied_at) OVER w) / 86400 AS days
+            FROM purchases WHERE {_bounds("applied_at", None, hi)} {buyers_in_range}
+            WINDOW w AS (PARTITION BY user_id ORDER BY applied_at, purchase_id)
+        ), per_user AS (
+            SELECT count(*) FILTER (WHERE in_range) AS n_range, count(*) AS n_total FROM p GROUP BY user_id
         )
-        SELECT (SELECT count(*) FROM counts) AS paying,
-               (SELECT count(*) FROM counts WHERE n >= 2) AS repeat,
-               (SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY days) FROM gaps
-                WHERE days IS NOT NULL AND {in_range}) AS median_days
+        SELECT u.paying, u.repeat, u.ever_bought, u.bought_twice,
+               (SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY days) FROM p
+                WHERE in_range AND days IS NOT NULL) AS median_days
+        FROM (
+            SELECT count(*) FILTER (WHERE n_range >= 1) AS paying, count(*) FILTER (WHERE n_range >= 2) AS repeat,
+                   count(*) AS ever_bought, count(*) FILTER (WHERE n_total >= 2) AS bought_twice
+            FROM per_user
+        ) u
     """
     return (await conn.execute(text(query), {"lo": lo, "hi": hi})).one()
 
 
 async def account_groups(conn: AsyncConnection, first: date | None, last: date | None) -> list[Any]:
-    """One pass over the accounts that exist at the end of the range: per current tier (users, credits
-    remaining now, and the funnel of those who signed up in the range: bought by the end of the range,
-    bought twice), and per day of the range the users who signed up."""
+    """One pass over the accounts that exist at the end of the range: per current tier the users and
+    their credits remaining now, and per day of the range the users who signed up."""
     lo = _day_start(first) if first else None
     hi = _day_start(last + timedelta(days=1)) if last else None
     query = f"""
-        SELECT GROUPING(tier) AS by_day, tier, day, count(*) AS users, COALESCE(sum(balance), 0) AS remaining,
-               count(day) AS signed_up, count(day) FILTER (WHERE n >= 1) AS bought,
-               count(day) FILTER (WHERE n >= 2) AS bought_again
+        SELECT GROUPING(tier) AS by_day, tier, day, count(*) AS users, COALESCE(sum(balance), 0) AS remaining
         FROM (
-            SELECT a.tier, a.balance, p.n,
+            SELECT a.tier, a.balance,
                    CASE WHEN {_bounds("a.created_at", lo, None)}
                         THEN (a.created_at AT TIME ZONE 'UTC')::date END AS day
-            FROM accounts a
-            LEFT JOIN (
-                SELECT user_id, count(*) AS n FROM purchases WHERE {_bounds("applied_at", None, hi)}
-                GROUP BY user_id
-            ) p ON p.user_id = a.user_id
-            WHERE {_bounds("a.created_at", None, hi)}
+            FROM accounts a WHERE {_bounds("a.created_at", None, hi)}
         ) x
         GROUP BY GROUPING SETS ((tier), (day))
     """
     return list(await conn.execute(text(query), {"lo": lo, "hi": hi}))
 
 
-async def force_custom_plans(conn: AsyncConnection) -> None:
-    """Plans each statement for its own bounds: a generic plan of `created_at >= $1` guesses a third
-    of the table and scans it all."""
+async def cohort_funnel(conn: AsyncConnection, first: date, last: date | None) -> Any:
+    """Of the users who signed up in the range (by the accounts' created_at index): how many bought by
+    the end of the range, and bought twice (at most two purchases looked up per user)."""
+    lo = _day_start(first)
+    hi = _day_start(last + timedelta(days=1)) if last else None
+    query = f"""
+        SELECT count(*) AS signed_up, count(*) FILTER (WHERE c.n >= 1) AS bought,
+               count(*) FILTER (WHERE c.n >= 2) AS bought_again
+        FROM accounts a
+        CROSS JOIN LATERAL (
+            SELECT count(*) AS n FROM (
+                SELECT 1 FROM purchases p
+                WHERE p.user_id = a.user_id {"AND p.applied_at < :hi" if hi is not None else ""} LIMIT 2
+            ) two
+        ) c
+        WHERE {_bounds("a.created_at", lo, hi)}
+    """
+    return (await conn.execute(text(query), {"lo": lo, "hi": hi})).one()
+
+
+async def analytics_settings(conn: AsyncConnection) -> None:
+    """For this transaction: each statement planned for its own bounds (a generic plan of
+    `created_at >= $1` guesses a third of the table and scans it all), and sorts and hashes of a
+    hundred thousand accounts in memory rather than on disk."""
     await conn.execute(text("SET LOCAL plan_cache_mode = force_custom_plan"))
+    await conn.execute(text("SET LOCAL work_mem = '64MB'"))
 
 
 # ---------------------------------------------------------------- outbox

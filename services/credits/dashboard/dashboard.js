@@ -103,7 +103,7 @@
       options: { scales: { y: { ticks: { precision: 0 } } } },
     });
     draw("chart-credits", {
-      type: "line",
+      type: "bar",
       data: {
         labels: days,
         datasets: [
@@ -172,7 +172,7 @@
       cells.forEach((text, i) => {
         const td = document.createElement(i === 0 ? "th" : "td");
         if (i === 0) td.scope = "row";
-        else td.className = "num";
+        else td.className = i >= 2 && i <= 4 ? "num hide-phone" : "num";
         td.textContent = text;
         tr.append(td);
       });

@@ -25,6 +25,10 @@ def upgrade() -> None:
     op.execute("CREATE INDEX ledger_entries_created_at ON ledger_entries (created_at)")
     op.execute("CREATE INDEX accounts_created_at ON accounts (created_at)")
     op.execute("CREATE INDEX purchases_applied_at ON purchases (applied_at)")
+    # Each user's purchases in order: the gaps between purchases without a sort.
+    op.execute("CREATE INDEX purchases_user_applied ON purchases (user_id, applied_at, purchase_id)")
+    # A pack's latest purchase (its current price and credits).
+    op.execute("CREATE INDEX purchases_pack_applied ON purchases (pack, applied_at, purchase_id)")
     op.execute("ALTER TABLE purchases ADD COLUMN refunded_cents bigint NOT NULL DEFAULT 0")
     op.execute(
         """
@@ -230,6 +234,8 @@ def downgrade() -> None:
     op.execute("DROP TABLE IF EXISTS ledger_daily")
     op.execute("DROP TABLE IF EXISTS purchase_refunds")
     op.execute("ALTER TABLE purchases DROP COLUMN refunded_cents")
+    op.execute("DROP INDEX IF EXISTS purchases_pack_applied")
+    op.execute("DROP INDEX IF EXISTS purchases_user_applied")
     op.execute("DROP INDEX IF EXISTS purchases_applied_at")
     op.execute("DROP INDEX IF EXISTS accounts_created_at")
     op.execute("DROP INDEX IF EXISTS ledger_entries_created_at")
