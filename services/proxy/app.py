@@ -83,6 +83,7 @@ class Proxy:
                 settings.low_balance_threshold,
                 redis_holds,
                 settle_linger_seconds=settings.settle_linger_ms / 1000,
+                hold_ttl_seconds=settings.reservation_ttl_seconds,
             ),
         )
 
