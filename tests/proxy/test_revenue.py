@@ -356,3 +356,56 @@ async def test_a_reader_that_stalls_past_the_ttl_is_cut_off_and_charged(  # type
     assert b"data: [DONE]" not in received  # cut off long before the 12 MB reply was relayed
     await eventually(lambda: standin.app.stats.streams["disconnected"] > disconnected, timeout=5)
     await credits.settled(user, 4, usage_total=1)
+
+
+# --- usage details travel with each commit ------------------------------------------------------
+
+
+async def test_each_commit_carries_the_usage_details_of_its_ledger_entry(  # type: ignore[no-untyped-def]
+    revenue, credits: Credits
+) -> None:
+    sent: list[dict[str, Any]] = []
+    downstream = revenue.app.state.proxy.credits
+    original = downstream.settle_batch
+
+    async def spy(items: list[dict[str, Any]]) -> dict[str, Any]:
+        sent.extend(items)
+        return await original(items)  # type: ignore[no-any-return]
+
+    downstream.settle_batch = spy
+    try:
+        user = await credits.user(100)
+        client = sdk_for(revenue, user)
+        chat = await client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "details please"}], max_tokens=5
+        )
+        await client.images.generate(model="dall-e-3", prompt="a lighthouse", n=2)
+        await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        await credits.settled(user, 100 - 1 - 10 - 1, usage_total=12)
+    finally:
+        del downstream.settle_batch
+    details = {
+        (d["operation"], d["model"]): d
+        for item in sent
+        if item["action"] == "commit" and (d := item.get("details")) is not None
+    }
+    assert chat.usage is not None
+    assert details[("chat.completions", "gpt-4o-mini")] == {
+        "operation": "chat.completions",
+        "model": "gpt-4o-mini",
+        "input_tokens": chat.usage.prompt_tokens,
+        "output_tokens": chat.usage.completion_tokens,
+        "upstream_cost_usd": pytest.approx(
+            (chat.usage.prompt_tokens * 0.00015 + chat.usage.completion_tokens * 0.0006) / 1000
+        ),
+    }
+    # Images report no tokens; dall-e-3 costs the operator $0.04 an image.
+    assert details[("images.generations", "dall-e-3")] == {
+        "operation": "images.generations",
+        "model": "dall-e-3",
+        "input_tokens": None,
+        "output_tokens": None,
+        "upstream_cost_usd": pytest.approx(0.08),
+    }
+    # No upstream_usd in its pricing entry: no cost.
+    assert details[("chat.completions", "gpt-4o")]["upstream_cost_usd"] is None
