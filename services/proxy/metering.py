@@ -175,7 +175,10 @@ class Meter:
                         del self._serving[rid]  # settled outside `_settle` (the worker's commit)
                     elif hold.renew_at <= now:
                         hold.renew_at = now + self.hold_ttl_seconds / 2
-                        self._track(hold.user_id, asyncio.get_running_loop().create_task(self._extend(hold)))
+                        # Tracked for `drain` only: a user's settlements are what a refused hold waits for.
+                        task = asyncio.get_running_loop().create_task(self._extend(hold))
+                        self._tasks.add(task)
+                        task.add_done_callback(self._tasks.discard)
         finally:
             self._renewer = None
 
