@@ -40,6 +40,8 @@ class Proxy:
     upstream: Upstream
     auth: Authenticator
     meter: Meter
+    # Clients that leave while their requests wait for the upstream (openai_api.ClientWatch).
+    client_watch: openai_api.ClientWatch = field(default_factory=lambda: openai_api.ClientWatch())
     extras: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
