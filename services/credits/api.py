@@ -109,12 +109,20 @@ class HoldItem(Body):
     kind: Literal["usage"] = "usage"
 
 
+class ExtendItem(Body):
+    """A hold whose request is still being served (a long stream): its deadline moves to `deadline_ms`."""
+
+    reservation_id: Annotated[StrictStr, Field(min_length=1, max_length=100)]
+    action: Literal["extend"]
+    deadline_ms: Annotated[StrictInt, Field(gt=0)]
+
+
 MAX_BATCH_ITEMS = 1000
 
 
 class SettleBatch(Body):
     items: Annotated[
-        list[Annotated[SettleItem | HoldItem, Field(discriminator="action")]],
+        list[Annotated[SettleItem | HoldItem | ExtendItem, Field(discriminator="action")]],
         Field(min_length=1, max_length=MAX_BATCH_ITEMS),
     ]
 
@@ -392,10 +400,11 @@ async def settle_batch(request: Request) -> JsonResponse:
     ledger: Ledger = request.app.state.ledger
     settles = [item for item in body.items if isinstance(item, SettleItem)]
     holds = [item for item in body.items if isinstance(item, HoldItem)]
+    extends = [item for item in body.items if isinstance(item, ExtendItem)]
     for hold in holds:
         checked_user(hold.user_id)
-    # Records and settlements run side by side; their answers go back in the items' order.
-    settled, recorded = await asyncio.gather(
+    # Records, settlements and extensions run side by side; their answers go back in the items' order.
+    settled, recorded, extended = await asyncio.gather(
         ledger.settle_many(
             [(i.reservation_id, i.action, i.amount) for i in settles],
             [stored_details(i.details) if i.action == "commit" else None for i in settles],
@@ -407,12 +416,16 @@ async def settle_batch(request: Request) -> JsonResponse:
                 for i in holds
             ]
         ),
+        ledger.extend_holds([(i.reservation_id, i.deadline_ms) for i in extends]),
     )
-    settled_in_order, recorded_in_order = iter(settled), iter(recorded)
+    settled_in_order, recorded_in_order, extended_in_order = iter(settled), iter(recorded), iter(extended)
     results: list[dict[str, Any]] = []
     for item in body.items:
-        if isinstance(item, HoldItem):
-            outcome: Any = next(recorded_in_order)
+        if isinstance(item, ExtendItem):
+            outcome: Any = next(extended_in_order)
+            answer = None if isinstance(outcome, AppError) else {"status": 200, **outcome}
+        elif isinstance(item, HoldItem):
+            outcome = next(recorded_in_order)
             answer = None if isinstance(outcome, AppError) else {"status": 201, **recorded_body(outcome)}
         else:
             outcome = next(settled_in_order)

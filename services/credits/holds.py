@@ -208,6 +208,21 @@ class Holds:
             pipe.zadd(self.deadline_key(shard), members)
         await pipe.execute()
 
+    async def extend_deadlines(self, holds: Sequence[tuple[str, str, int]]) -> None:
+        """Moves the deadlines of holds (user_id, reservation_id, deadline_ms) still in Redis later, in
+        the user's deadline set and the sweeper's index (never earlier; a hold gone stays gone)."""
+        if not holds:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for user_id, rid, deadline_ms in holds:
+            pipe.zadd(self.keys(user_id)[1], {rid: deadline_ms}, xx=True, gt=True)
+            pipe.zadd(
+                self.deadline_key(self.shard_of(user_id)),
+                {f"{user_id}{SEPARATOR}{rid}": deadline_ms},
+                gt=True,
+            )
+        await pipe.execute()
+
     async def version(self, user_id: str) -> int | None:
         """The account version the loaded balance reflects, or None if not loaded."""
         raw = await self.client.hget(self.account_key(user_id), "v")

@@ -942,6 +942,40 @@ class Ledger:
             out.append(result)
         return out
 
+    async def extend_holds(self, items: Sequence[tuple[str, int]]) -> list[dict[str, Any] | AppError]:
+        """Moves the deadlines of open holds whose requests are still being served (a long stream) to
+        the given times, at most the longest reservation TTL from now and never earlier than they
+        were: PostgreSQL first (the sweeper and commits judge by it), then Redis. A hold that has
+        ended or is past its deadline is not revived (409). Returns, per item, the reservation's id
+        and new `expires_at`, or the refusal."""
+        now = self.clock()
+        longest_ms = _ms(now) + self.settings.max_reservation_ttl_seconds * 1000
+        wanted: dict[str, datetime] = {}
+        for rid, deadline_ms in items:
+            if _is_uuid(rid):
+                wanted[str(uuid.UUID(rid))] = datetime.fromtimestamp(min(deadline_ms, longest_ms) / 1000, UTC)
+        extended: dict[str, tuple[str, datetime]] = {}
+        if wanted:
+            async with self.engine.begin() as conn:
+                rows = await store.extend_holds(conn, list(wanted), list(wanted.values()), now)
+            extended = {str(r.id): (str(r.user_id), r.expires_at) for r in rows}
+            try:
+                await self.holds.extend_deadlines(
+                    [(user, rid, _ms(expires)) for rid, (user, expires) in extended.items()]
+                )
+            except Exception:
+                # PostgreSQL has the new deadline: past the old one, the scripts drop the account and
+                # the rebuild loads the hold with the new one.
+                log.exception("moving %d hold deadlines in Redis failed", len(extended))
+        out: list[dict[str, Any] | AppError] = []
+        for rid, _ in items:
+            found = extended.get(str(uuid.UUID(rid))) if _is_uuid(rid) else None
+            if found is None:
+                out.append(Conflict(f"Reservation {rid} is not held (ended, expired or unknown)."))
+            else:
+                out.append({"reservation_id": str(uuid.UUID(rid)), "expires_at": found[1]})
+        return out
+
     async def _charge_overage(self, user_id: str, rid: str, extra: int) -> int:
         """Charges `extra` credits a request cost beyond its committed hold (its usage came out above
         the estimate): what is available is taken through a hold of its own, so no concurrent

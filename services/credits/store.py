@@ -324,6 +324,31 @@ async def expire_due(conn: AsyncConnection, now: datetime, limit: int) -> list[R
     return [_reservation(r) for r in rows]
 
 
+async def extend_holds(
+    conn: AsyncConnection, ids: Sequence[str], deadlines: Sequence[datetime], now: datetime
+) -> list[Any]:
+    """Moves the deadlines of open holds later (never earlier); a hold that ended or is past its
+    deadline stays as it is. Returns (id, user_id, expires_at) of the holds extended. The accounts
+    are locked KEY SHARE first, as for every hold change Redis mirrors (a rebuild waits for it)."""
+    users = await conn.execute(
+        text("SELECT DISTINCT user_id FROM reservations WHERE id = ANY(CAST(:ids AS uuid[]))"),
+        {"ids": list(ids)},
+    )
+    await lock_accounts_key_share(conn, [r.user_id for r in users])
+    rows = await conn.execute(
+        text(
+            """
+            UPDATE reservations r SET expires_at = GREATEST(r.expires_at, w.deadline)
+            FROM unnest(CAST(:ids AS uuid[]), CAST(:deadlines AS timestamptz[])) AS w(id, deadline)
+            WHERE r.id = w.id AND r.status = 'held' AND r.expires_at > :now
+            RETURNING r.id, r.user_id, r.expires_at
+            """
+        ),
+        {"ids": list(ids), "deadlines": list(deadlines), "now": now},
+    )
+    return list(rows)
+
+
 async def reservation_statuses(conn: AsyncConnection, ids: Sequence[str]) -> dict[str, str]:
     rows = await conn.execute(
         text("SELECT id, status FROM reservations WHERE id = ANY(CAST(:ids AS uuid[]))"), {"ids": list(ids)}

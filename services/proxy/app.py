@@ -44,6 +44,8 @@ class Proxy:
     upstream: Upstream
     auth: Authenticator
     meter: Meter
+    # Clients that leave while their requests wait for the upstream (openai_api.ClientWatch).
+    client_watch: openai_api.ClientWatch = field(default_factory=lambda: openai_api.ClientWatch())
     extras: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -83,6 +85,7 @@ class Proxy:
                 settings.low_balance_threshold,
                 redis_holds,
                 settle_linger_seconds=settings.settle_linger_ms / 1000,
+                hold_ttl_seconds=settings.reservation_ttl_seconds,
             ),
         )
 

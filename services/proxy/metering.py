@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,7 @@ from shared.redis_holds import PlacedHold, RedisHolds
 from .downstream import CreditsClient, DownstreamError, Reservation
 from .metrics import (
     CREDITS_CHARGED,
+    HOLDS_EXTENDED,
     HOLDS_LOST,
     HOLDS_PLACED_IN_REDIS,
     HOLDS_PLACED_OVER_HTTP,
@@ -48,6 +50,8 @@ class Hold:
     settled: bool = False
     # For a hold placed in Redis: credits' answer to recording it, which the settlement waits for.
     recorded: asyncio.Future[dict[str, Any]] | None = None
+    # When (monotonic) the hold's deadline is next moved on while its request is still served.
+    renew_at: float = 0.0
 
     @property
     def amount(self) -> int:
@@ -79,6 +83,7 @@ class Meter:
         redis_holds: RedisHolds | None = None,
         *,
         settle_linger_seconds: float = 0.0,
+        hold_ttl_seconds: float = 600.0,
     ) -> None:
         self.credits = credits
         self.redis_holds = redis_holds
@@ -95,6 +100,11 @@ class Meter:
         self._hurried: dict[str, int] = {}
         # The longest a request waits for its user's earlier settlements before it asks credits.
         self.settle_wait_seconds = 2.0
+        # Holds whose requests are still being served, by reservation id: a request that outlives
+        # half its hold's lifetime (a long stream) has the deadline moved on (see `_renew`).
+        self.hold_ttl_seconds = hold_ttl_seconds
+        self._serving: dict[str, Hold] = {}
+        self._renewer: asyncio.Task[None] | None = None
 
     async def hold(
         self,
@@ -120,7 +130,7 @@ class Meter:
                 reservation = Reservation(placed.reservation_id, placed.amount, placed.available)
                 hold = Hold(user_id, quote, reservation)
                 hold.recorded = self.settlements.record(placed)
-                return hold
+                return self._serve(hold)
         HOLDS_PLACED_OVER_HTTP.inc()
         try:
             try:
@@ -147,7 +157,51 @@ class Meter:
                 REQUESTS_REFUSED.labels("insufficient_credits").inc()
                 raise InsufficientCredits() from None
             raise
-        return Hold(user_id, chosen, reservation)
+        return self._serve(Hold(user_id, chosen, reservation))
+
+    # --- keeping a hold alive while its request is served ---
+
+    def _serve(self, hold: Hold) -> Hold:
+        hold.renew_at = time.monotonic() + self.hold_ttl_seconds / 2
+        self._serving[hold.reservation.reservation_id] = hold
+        if self._renewer is None:
+            self._renewer = asyncio.get_running_loop().create_task(self._renew(), name="proxy-hold-renewer")
+        return hold
+
+    async def _renew(self) -> None:
+        """Moves on the deadline of every hold whose request has run for half the hold's lifetime, so
+        a hold never lapses while the proxy still serves its request (CONTRACT §6.2: the TTL only ends
+        holds whose proxy went away). Runs while holds are being served; one pass per quarter TTL."""
+        period = self.hold_ttl_seconds / 4
+        try:
+            while self._serving:
+                await asyncio.sleep(period)
+                now = time.monotonic()
+                for rid, hold in list(self._serving.items()):
+                    if hold.settled:
+                        del self._serving[rid]  # settled outside `_settle` (the worker's commit)
+                    elif hold.renew_at <= now:
+                        hold.renew_at = now + self.hold_ttl_seconds / 2
+                        # Tracked for `drain` only: a user's settlements are what a refused hold waits for.
+                        task = asyncio.get_running_loop().create_task(self._extend(hold))
+                        self._tasks.add(task)
+                        task.add_done_callback(self._tasks.discard)
+        finally:
+            self._renewer = None
+
+    async def _extend(self, hold: Hold) -> None:
+        rid = hold.reservation.reservation_id
+        if hold.recorded is not None and not await self._was_recorded(hold, "extend"):
+            return
+        deadline_ms = int(time.time() * 1000 + self.hold_ttl_seconds * 1000)
+        try:
+            await self.settlements.extend(rid, deadline_ms)
+            HOLDS_EXTENDED.inc()
+        except AppError as exc:
+            if not hold.settled:
+                log.error("extending hold %s refused: %s %s", rid, exc.status_code, exc.message)
+        except Exception:
+            log.exception("extending hold %s failed", rid)
 
     async def _after_settlements(self, user_id: str, amount: int) -> PlacedHold | None:
         """Places the hold again once the user's earlier settlements have reached credits.
@@ -177,6 +231,7 @@ class Meter:
         if hold.settled:
             return
         hold.settled = True
+        self._serving.pop(hold.reservation.reservation_id, None)
         self._track(hold.user_id, asyncio.get_running_loop().create_task(self._settle(hold, charge)))
 
     def _track(self, user_id: str, task: asyncio.Task[Any]) -> None:
@@ -197,6 +252,7 @@ class Meter:
         if hold.settled:
             return None
         hold.settled = True
+        self._serving.pop(hold.reservation.reservation_id, None)
         task = asyncio.get_running_loop().create_task(self._settle(hold, None, urgent=True))
         self._track(hold.user_id, task)
         try:
@@ -302,6 +358,8 @@ class Meter:
     async def drain(self, timeout: float) -> None:
         """Settles what is in flight within `timeout`: sent to credits, or (credits unreachable)
         parked in its Redis; what is left after `timeout` is given up."""
+        if self._renewer is not None:
+            self._renewer.cancel()
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
         if self._tasks and not self.settlements.in_trouble:

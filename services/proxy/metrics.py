@@ -38,3 +38,7 @@ HOLDS_LOST = Counter(
 # Resolved once: a label lookup on every request would cost more than the increment.
 HOLDS_PLACED_IN_REDIS = HOLDS_PLACED.labels("redis")
 HOLDS_PLACED_OVER_HTTP = HOLDS_PLACED.labels("http")
+HOLDS_EXTENDED = Counter(
+    "proxy_holds_extended_total",
+    "Hold deadlines moved on because their requests (long streams) were still being served",
+)

@@ -142,6 +142,13 @@ class SettlementBatcher:
             self.flush()
         return future
 
+    def extend(self, reservation_id: str, deadline_ms: int) -> asyncio.Future[dict[str, Any]]:
+        """Queues moving a hold's deadline to `deadline_ms` (its request is still served); sent at once."""
+        payload = {"reservation_id": reservation_id, "action": "extend", "deadline_ms": deadline_ms}
+        future = self._queue(reservation_id, payload)
+        self.flush()
+        return future
+
     def flush(self) -> None:
         """Sends what is queued without waiting out the linger."""
         if self._pending:

@@ -205,3 +205,29 @@ def test_pricing_entries_with_output_caps_and_upstream_costs() -> None:
     body = {"model": "img", "prompt": "p", "n": 2}
     q = table.quote("images.generations", body, orjson.dumps(body))
     assert q.largest == 10 and q.charge(None).upstream_cost_usd == pytest.approx(0.08)
+
+
+def test_the_example_pricing_file_loads_and_no_credit_buys_more_than_its_upstream_bound() -> None:
+    """deploy/pricing.example.yaml: every model whose provider price is given keeps one credit's
+    upstream cost within seed 000's "$0.039 of AI cost per credit"."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "deploy" / "pricing.example.yaml"
+    table = PricingTable.load(str(path))
+    assert table.models is not None
+    for name in ("gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini", "o3", "o4-mini"):
+        assert table.price(name).per_token, name
+    assert table.price("dall-e-3").per_request == 12
+    assert table.default.max_output_tokens == 1024
+    bound = Decimal("0.039")
+    for name, price in table.models.items():
+        usd = price.upstream_usd
+        assert usd is not None, name
+        if price.per_request is not None:
+            assert usd.per_request <= bound * price.per_request, name
+            continue
+        for credits, dollars in (
+            (price.per_1k_input_tokens, usd.per_1k_input_tokens),
+            (price.per_1k_output_tokens, usd.per_1k_output_tokens),
+        ):
+            assert dollars <= bound * credits, name

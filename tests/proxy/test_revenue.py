@@ -5,11 +5,13 @@ balance, the ledger and what the upstream saw."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import openai
+import orjson
 import pytest
 
 from tests.conftest import eventually
@@ -299,6 +301,7 @@ async def short_ttl(  # type: ignore[no-untyped-def]
         redis_url=redis_url,
         reservation_ttl_seconds=2,
         upstream_timeout_seconds=10.0,
+        client_stall_seconds=1.0,
     ) as running:
         yield running
 
@@ -316,5 +319,93 @@ async def test_a_stream_longer_than_the_hold_ttl_is_charged(short_ttl, credits: 
     await credits.settled(user, 4, usage_total=1)
 
 
-async def _wait(seconds: float) -> None:
-    await asyncio.sleep(seconds)
+async def test_a_reader_that_stalls_past_the_ttl_is_cut_off_and_charged(  # type: ignore[no-untyped-def]
+    short_ttl, credits: Credits, standin
+) -> None:
+    """The client stops reading (TCP back-pressure stalls the relay) for longer than the hold's TTL,
+    then reads on: it is cut off after CLIENT_STALL_SECONDS (1 s here), the upstream call is closed,
+    and the request is charged."""
+    user = await credits.user(5)
+    disconnected = standin.app.stats.streams["disconnected"]
+    long_word = "x" * 8000
+    body = orjson.dumps(
+        {
+            "model": "standin-trickle-1-words-1500",
+            "stream": True,
+            "messages": [{"role": "user", "content": f"{long_word} {long_word}"}],
+        }
+    )
+    host, port = short_ttl.url.removeprefix("http://").split(":")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the relay stalls soon
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, (host, int(port)))
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer dev-internal-token\r\nX-User-Id: {user}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    await loop.sock_sendall(sock, head + body)
+    received = await loop.sock_recv(sock, 4096)
+    assert received.startswith(b"HTTP/1.1 200")
+    await asyncio.sleep(3.5)  # reads nothing for longer than the 2 s TTL
+    while chunk := await asyncio.wait_for(loop.sock_recv(sock, 65536), timeout=10):
+        received += chunk
+    sock.close()
+    assert b"data: [DONE]" not in received  # cut off long before the 12 MB reply was relayed
+    await eventually(lambda: standin.app.stats.streams["disconnected"] > disconnected, timeout=5)
+    await credits.settled(user, 4, usage_total=1)
+
+
+# --- usage details travel with each commit ------------------------------------------------------
+
+
+async def test_each_commit_carries_the_usage_details_of_its_ledger_entry(  # type: ignore[no-untyped-def]
+    revenue, credits: Credits
+) -> None:
+    sent: list[dict[str, Any]] = []
+    downstream = revenue.app.state.proxy.credits
+    original = downstream.settle_batch
+
+    async def spy(items: list[dict[str, Any]]) -> dict[str, Any]:
+        sent.extend(items)
+        return await original(items)  # type: ignore[no-any-return]
+
+    downstream.settle_batch = spy
+    try:
+        user = await credits.user(100)
+        client = sdk_for(revenue, user)
+        chat = await client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "details please"}], max_tokens=5
+        )
+        await client.images.generate(model="dall-e-3", prompt="a lighthouse", n=2)
+        await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        await credits.settled(user, 100 - 1 - 10 - 1, usage_total=12)
+    finally:
+        del downstream.settle_batch
+    details = {
+        (d["operation"], d["model"]): d
+        for item in sent
+        if item["action"] == "commit" and (d := item.get("details")) is not None
+    }
+    assert chat.usage is not None
+    assert details[("chat.completions", "gpt-4o-mini")] == {
+        "operation": "chat.completions",
+        "model": "gpt-4o-mini",
+        "input_tokens": chat.usage.prompt_tokens,
+        "output_tokens": chat.usage.completion_tokens,
+        "upstream_cost_usd": pytest.approx(
+            (chat.usage.prompt_tokens * 0.00015 + chat.usage.completion_tokens * 0.0006) / 1000
+        ),
+    }
+    # Images report no tokens; dall-e-3 costs the operator $0.04 an image.
+    assert details[("images.generations", "dall-e-3")] == {
+        "operation": "images.generations",
+        "model": "dall-e-3",
+        "input_tokens": None,
+        "output_tokens": None,
+        "upstream_cost_usd": pytest.approx(0.08),
+    }
+    # No upstream_usd in its pricing entry: no cost.
+    assert details[("chat.completions", "gpt-4o")]["upstream_cost_usd"] is None

@@ -289,3 +289,37 @@ async def test_server_stops_promptly_with_a_request_held() -> None:
         assert time.monotonic() - started < 5
         with pytest.raises(openai.APIError):
             await held
+
+
+@pytest.mark.parametrize("via", ["header", "model"])
+async def test_bill_adds_prompt_tokens_and_tools_are_billed_input(client: AsyncOpenAI, via: str) -> None:
+    tools = [{"type": "function", "function": {"name": "lookup", "description": "alpha beta gamma"}}]
+    plain = await client.chat.completions.create(model="gpt-4o-mini", messages=USER)
+    with_tools = await client.chat.completions.create(model="gpt-4o-mini", messages=USER, tools=tools)  # type: ignore[arg-type]
+    assert plain.usage is not None and with_tools.usage is not None
+    assert plain.usage.prompt_tokens == 6
+    assert with_tools.usage.prompt_tokens > 6 + 3  # the description's words and the schema's
+    if via == "header":
+        billed = await client.chat.completions.create(
+            model="gpt-4o-mini", messages=USER, extra_headers={"X-Standin-Bill-Tokens": "500"}
+        )
+    else:
+        billed = await client.chat.completions.create(model="standin-bill-500", messages=USER)
+    assert billed.usage is not None and billed.usage.prompt_tokens == 6 + 500
+
+
+async def test_latency_watches_for_the_client_leaving(standin: StandinServer) -> None:
+    cancelled = standin.app.stats.cancelled
+    async with httpx.AsyncClient(base_url=standin.url, timeout=httpx.Timeout(10, read=0.2)) as http:
+        with pytest.raises(httpx.ReadTimeout):
+            await http.post(
+                "/v1/chat/completions",
+                json={"model": "standin-slow-3000", "messages": USER},
+                headers={"Authorization": "Bearer x"},
+            )
+    for _ in range(100):
+        if standin.app.stats.cancelled > cancelled:
+            break
+        await asyncio.sleep(0.02)
+    assert standin.app.stats.cancelled == cancelled + 1
+    assert parse_model("standin-bill-7").bill_tokens == 7
