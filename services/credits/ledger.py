@@ -715,6 +715,8 @@ class Ledger:
                 for r in records
             ]
             complete = True
+            now_ms = _ms(self.clock())
+            lapsed: list[str] = []  # recorded past their deadline with no settlement: they end now
             for record, outcome in zip(records, await self.record_holds(records, late=True), strict=True):
                 if isinstance(outcome, ServiceUnavailable):
                     complete = False
@@ -723,7 +725,15 @@ class Ledger:
                     log.error(
                         "pending hold %s of %s refused: %s", record.reservation_id, user_id, outcome.message
                     )
+                elif record.deadline_ms <= now_ms:
+                    lapsed.append(outcome.id)
                 done.append(f"h:{record.reservation_id}")
+            if lapsed:
+                async with self.engine.begin() as conn:
+                    await store.lock_accounts_key_share(conn, [user_id])
+                    ended = await store.expire_holds(conn, lapsed, self.clock())
+                metrics.CREDITS_EXPIRED.inc(sum(r.amount for r in records if r.reservation_id in ended))
+                await self._sync([_Sync(user_id, ended=tuple(ended))])
             if settles:
                 ids = [rid for _, rid, _, _ in settles if _is_uuid(rid)]
                 async with self.engine.begin() as conn:
