@@ -737,6 +737,8 @@ class Ledger:
                 for r in records
             ]
             complete = True
+            now_ms = _ms(self.clock())
+            lapsed: list[str] = []  # recorded past their deadline with no settlement: they end now
             for record, outcome in zip(records, await self.record_holds(records, late=True), strict=True):
                 if isinstance(outcome, ServiceUnavailable):
                     complete = False
@@ -745,7 +747,15 @@ class Ledger:
                     log.error(
                         "pending hold %s of %s refused: %s", record.reservation_id, user_id, outcome.message
                     )
+                elif record.deadline_ms <= now_ms:
+                    lapsed.append(outcome.id)
                 done.append(f"h:{record.reservation_id}")
+            if lapsed:
+                async with self.engine.begin() as conn:
+                    await store.lock_accounts_key_share(conn, [user_id])
+                    ended = await store.expire_holds(conn, lapsed, self.clock())
+                metrics.CREDITS_EXPIRED.inc(sum(r.amount for r in records if r.reservation_id in ended))
+                await self._sync([_Sync(user_id, ended=tuple(ended))])
             if settles:
                 ids = [rid for _, rid, _, _ in settles if _is_uuid(rid)]
                 async with self.engine.begin() as conn:
@@ -755,10 +765,14 @@ class Ledger:
                     settle_details,
                     settle_overages,
                 )
-                for (name, rid, action, _), result in zip(settles, outcomes, strict=True):
+                for (name, rid, action, charge), result in zip(settles, outcomes, strict=True):
                     if isinstance(result, ServiceUnavailable):
                         complete = False
                         continue
+                    if isinstance(result, Conflict) and action == "commit" and charge is not None:
+                        # Expired before its settlement got here (another credits process swept it
+                        # meanwhile): the request was served, so it is charged all the same.
+                        result = await self.charge_late(rid, charge)
                     if isinstance(result, AppError):
                         log.error("pending %s of %s refused: %s", action, rid, result.message)
                     else:
@@ -768,6 +782,34 @@ class Ledger:
             return len(done), complete
         finally:
             self._draining.discard(user_id)
+
+    async def charge_late(self, rid: str, amount: int) -> SettleResult | AppError:
+        """Charges a served request whose hold expired before its commit arrived: what the user's
+        available credits cover comes off the balance, the rest is recorded as owed (paid first out
+        of the next purchase). The commit's ledger reference keeps it to once."""
+        now = self.clock()
+        async with self.engine.begin() as conn:
+            found = await store.get_reservation(conn, rid, for_update=True)
+            if found is None or found.status != "expired" or amount > found.amount:
+                return Conflict(f"Reservation {rid} can no longer be committed.")
+            account = await store.get_account(conn, found.user_id, lock="update")
+            available = int(account.balance) - await store.open_holds_total(conn, found.user_id)
+            take = min(amount, max(available, 0))
+            balance, version, _ = await store.change_balance(
+                conn,
+                found.user_id,
+                -take,
+                "usage",
+                f"reservation:{rid}:commit",
+                threshold=self.threshold,
+                used=amount,
+            )
+            if amount > take:
+                await store.add_owed(conn, found.user_id, amount - take)
+            await store.end_reservation(conn, rid, "committed", now, charged=amount)
+        log.warning("reservation %s charged %d after it expired (%d owed)", rid, amount, amount - take)
+        await self._sync([_Sync(found.user_id, balance, version)])
+        return SettleResult(rid, amount, found.amount - amount, 0)
 
     async def drain_listed(self) -> int:
         """Applies the pending entries of every user a proxy listed (run by the sweeper)."""

@@ -308,6 +308,20 @@ async def extend_open_holds(conn: AsyncConnection, ids: Sequence[str], until: da
         )
 
 
+async def expire_holds(conn: AsyncConnection, ids: Sequence[str], now: datetime) -> list[str]:
+    """Ends the given holds as expired if still open; returns those it ended."""
+    if not ids:
+        return []
+    rows = await conn.execute(
+        text(
+            "UPDATE reservations SET status = 'expired', ended_at = :now "
+            "WHERE id = ANY(CAST(:ids AS uuid[])) AND status = 'held' RETURNING id"
+        ),
+        {"ids": list(ids), "now": now},
+    )
+    return [str(r.id) for r in rows]
+
+
 async def expire_due(conn: AsyncConnection, now: datetime, limit: int) -> list[Reservation]:
     rows = await conn.execute(
         text(

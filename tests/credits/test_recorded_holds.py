@@ -168,7 +168,8 @@ async def _placed_then_wiped(
     await _user(client, check, user_id)
     placed = await redis_holds.place(user_id, 4)
     assert placed is not None
-    await redis_client.delete(*check.credits.app.state.ledger.holds.keys(user_id))
+    holds = check.credits.app.state.ledger.holds
+    await redis_client.delete(*holds.keys(user_id), holds.pending_key(user_id))
     return placed
 
 
@@ -217,7 +218,7 @@ async def test_a_placed_hold_that_is_never_recorded_lapses_without_a_trace(
     client: httpx.AsyncClient, check: Checker, redis_url: str, redis_cluster: bool, user_id: str
 ) -> None:
     """The proxy died between placing the hold and recording it: after the deadline (and the grace
-    period) the credits are back; PostgreSQL never heard of the hold."""
+    period) the credits are back; the hold's record, beside it in Redis, was recorded and expired."""
     await _user(client, check, user_id)
     short = RedisHolds(
         redis_client_for(redis_url, redis_cluster),
@@ -236,11 +237,12 @@ async def test_a_placed_hold_that_is_never_recorded_lapses_without_a_trace(
         return bool((await client.get(f"/v1/users/{user_id}/credits")).json()["credits_remaining"] == 10)
 
     await eventually(back, timeout=grace + 10)
-    # Recording it now is too late: it expired, and nothing was written.
+    # Recording it now is too late: it expired, and nothing was charged.
     (late,) = await _record(client, placed)
     assert late["status"] == 409, late
     s = await check.consistent(user_id, client)
-    assert s["holds"] == [] and [e["amount"] for e in s["ledger"]] == [10]
+    assert [(h["amount"], h["status"]) for h in s["holds"]] == [(7, "expired")]
+    assert [e["amount"] for e in s["ledger"]] == [10]
 
 
 async def test_the_fast_path_leaves_holds_past_their_deadline_to_the_credits_service(
@@ -263,7 +265,8 @@ async def test_the_fast_path_leaves_holds_past_their_deadline_to_the_credits_ser
     assert r.status_code == 201, r.text
     assert r.json()["credits_remaining"] == 5
     s = await check.consistent(user_id, client)
-    assert [(h["amount"], h["status"]) for h in s["holds"]] == [(5, "held")]
+    # The dead one was recorded from its record beside it in Redis, and expired.
+    assert [(h["amount"], h["status"]) for h in s["holds"]] == [(7, "expired"), (5, "held")]
 
 
 async def test_500_concurrent_placements_from_two_clients_hold_exactly_the_balance(
