@@ -399,11 +399,25 @@ class Quote:
         """The `details` of the usage ledger entry (CONTRACT §4)."""
         return {
             "operation": self.operation,
-            "model": self.model,
+            "model": ledger_label(self.model),
             "input_tokens": charge.input_tokens,
             "output_tokens": charge.output_tokens,
             "upstream_cost_usd": charge.upstream_cost_usd,
         }
+
+
+# Credits keeps at most this many characters of a model name on a usage entry.
+MAX_LABEL_CHARS = 200
+
+
+def ledger_label(model: str | None) -> str | None:
+    """The model name as credits stores it: printable characters only, at most MAX_LABEL_CHARS. The
+    name is the customer's text; one credits would refuse must not make a whole settlement batch
+    (other users' charges with it) bounce."""
+    if model is None:
+        return None
+    label = "".join(c for c in model if c.isprintable())[:MAX_LABEL_CHARS]
+    return label or None
 
 
 @dataclass(frozen=True)
