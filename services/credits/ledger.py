@@ -1058,6 +1058,12 @@ class Ledger:
         await self._sync([_Sync(user_id, balance, version, ended=ended)])
         return owed
 
+    async def roll_up_analytics(self) -> None:
+        """Sums the days that ended into ledger_daily (run by the sweeper now and then, so requests
+        rarely do it; see migration 0005)."""
+        async with self.engine.begin() as conn:
+            await store.roll_up_ledger(conn)
+
     async def analytics(self, first: date | None = None, last: date | None = None) -> dict[str, Any]:
         """The operator's figures for the UTC days first..last (None: unbounded); see analytics.py."""
         async with self.engine.begin() as conn:

@@ -583,6 +583,13 @@ def _bounds(column: str, lo: datetime | None, hi: datetime | None) -> str:
     return " AND ".join(parts)
 
 
+async def roll_up_ledger(conn: AsyncConnection) -> date | None:
+    """Sums the whole days not yet in ledger_daily (a no-op when up to date); returns the last day
+    summed (None: the ledger is empty and nothing was ever summed)."""
+    rolled: date | None = (await conn.execute(text("SELECT credits_roll_up_ledger()"))).scalar_one()
+    return rolled
+
+
 @dataclass(frozen=True)
 class LedgerGroup:
     """One grouping of the ledger over the range: by type alone, or with its operation, model or day."""
@@ -598,7 +605,7 @@ class LedgerGroup:
 
 
 async def ledger_groups(conn: AsyncConnection, first: date | None, last: date | None) -> list[LedgerGroup]:
-    rolled: date | None = (await conn.execute(text("SELECT credits_roll_up_ledger()"))).scalar_one()
+    rolled = await roll_up_ledger(conn)
     lo = _day_start(first) if first else None
     hi = _day_start(last + timedelta(days=1)) if last else None
     live_lo = lo

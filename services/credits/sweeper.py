@@ -6,10 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 from services.credits.ledger import Ledger
 
 log = logging.getLogger("credits.sweeper")
+
+# How often the analytics' daily rollup is brought up to date (cheap when it is: one row read).
+ROLL_UP_EVERY_SECONDS = 300.0
 
 
 class Sweeper:
@@ -17,6 +21,7 @@ class Sweeper:
         self.ledger = ledger
         self.interval = interval_seconds
         self._task: asyncio.Task[None] | None = None
+        self._rolled_up_at = -ROLL_UP_EVERY_SECONDS
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="credits-sweeper")
@@ -34,6 +39,9 @@ class Sweeper:
         expired = await self.ledger.expire_due()
         dropped = await self.ledger.sweep_redis()
         await self.ledger.resync_failed()
+        if time.monotonic() - self._rolled_up_at >= ROLL_UP_EVERY_SECONDS:
+            self._rolled_up_at = time.monotonic()
+            await self.ledger.roll_up_analytics()
         return expired, dropped
 
     async def _run(self) -> None:

@@ -120,6 +120,9 @@ class World:
                 await conn.execute(
                     f"UPDATE {table} SET {column} = $1 WHERE {column} > now() - interval '1 hour'", when
                 )
+            # The sweeper may have summed the (then empty) past days already: sum them again.
+            await conn.execute("DELETE FROM ledger_daily")
+            await conn.execute("UPDATE ledger_daily_state SET rolled_through = NULL")
 
     async def analytics(self, **params: str) -> dict[str, Any]:
         r = await self.http.get("/v1/admin/analytics", params=params, headers=self.service.admin_headers)
