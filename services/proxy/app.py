@@ -90,6 +90,7 @@ class Proxy:
         )
 
     async def aclose(self) -> None:
+        self.client_watch.close()
         clients: list[Any] = [self.credits, self.billing, self.upstream]
         if self.meter.redis_holds is not None:
             clients.append(self.meter.redis_holds)

@@ -93,6 +93,10 @@ class ClientWatch:
             return True
         return False
 
+    def close(self) -> None:
+        if self._runner is not None:
+            self._runner.cancel()
+
     async def _run(self) -> None:
         try:
             while self._waiting:

@@ -248,6 +248,19 @@ async def test_max_output_tokens_lowers_or_sets_the_output_limit_sent_upstream( 
 
 # --- 5. customer input never makes a 500 --------------------------------------------------------
 
+_IMAGE = {"type": "image_url", "image_url": {"url": "https://example.com/a.png", "detail": "high"}}
+_CALL_OF_3_MB = {
+    "role": "assistant",
+    "content": None,
+    "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "abcd " * 600_000}}
+    ],
+}
+_SCHEMA_OF_1_MB = {
+    "type": "json_schema",
+    "json_schema": {"name": "s", "schema": {"type": "object", "description": "abcd " * 200_000}},
+}
+
 
 @pytest.mark.parametrize(
     "body",
@@ -261,6 +274,13 @@ async def test_max_output_tokens_lowers_or_sets_the_output_limit_sent_upstream( 
         {"model": "gpt-4o", "n": 0},
         {"model": "gpt-4o", "n": "3"},
         {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "word " * 30_000}]},
+        {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": [_IMAGE] * 500}], "max_tokens": 1},
+        {
+            "model": "gpt-4o-mini",
+            "messages": [_CALL_OF_3_MB, {"role": "user", "content": "hi"}],
+            "max_tokens": 1,
+        },
+        {"model": "gpt-4o-mini", "response_format": _SCHEMA_OF_1_MB, "max_tokens": 1},
     ],
     ids=[
         "stream_options-str",
@@ -272,6 +292,9 @@ async def test_max_output_tokens_lowers_or_sets_the_output_limit_sent_upstream( 
         "n-zero",
         "n-string",
         "estimate-over-max_reserve",
+        "500-high-detail-images",
+        "3-MB-tool-call-arguments",
+        "1-MB-response_format",
     ],
 )
 async def test_bad_customer_input_is_a_4xx_in_the_envelope_and_changes_nothing(  # type: ignore[no-untyped-def]
