@@ -10,6 +10,7 @@ large. `LimitedHttpToolsProtocol` is that protocol with the limits added; `serve
 - Headers not complete `header_timeout` seconds after the connection opened or the request's first
   byte: 408 (when no response was started) and the connection closed; likewise a body not complete
   `body_timeout` seconds after its headers.
+- A request the parser refuses (e.g. a NUL character in a header value): 400 in the error envelope.
 - Body bytes past MAX_BODY_BYTES: the app answers 413 (`shared.web.BodyLimitMiddleware`). Once a
   request is answered (that 413, or any answer given before its body was read), at most
   `LINGER_BYTES` more of its body are read and dropped, then the connection is closed: enough for
@@ -108,6 +109,13 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                     408, "Request Timeout", "request_timeout", "The request was not sent in time."
                 )
             )
+        self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        # What the parser refuses (a NUL or other control character in a header, a malformed
+        # request line) is answered in the error envelope too, not uvicorn's plain text.
+        self._disarm()
+        self.transport.write(_error_response(400, "Bad Request", "invalid_request", msg))
         self.transport.close()
 
     # -- connection and parser callbacks --------------------------------------------------------

@@ -197,6 +197,18 @@ def test_slow_clients_are_disconnected(proxy: tuple[int, int]) -> None:
     assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
 
 
+def test_a_nul_character_in_a_header_is_400_in_the_envelope(proxy: tuple[int, int]) -> None:
+    port, _ = proxy
+    sock = connect(port)
+    reader = Reader(sock)
+    reader.start()
+    sock.sendall(b"GET /v1/account HTTP/1.1\r\nHost: gateway\r\nX-User-Id: nul\x00user\r\n\r\n")
+    reader.join(timeout=10)
+    sock.close()
+    assert reader.data.startswith(b"HTTP/1.1 400"), reader.data[:300]
+    assert b'"code":"invalid_request"' in reader.data, reader.data
+
+
 def test_large_but_allowed_requests_on_one_connection_are_served(proxy: tuple[int, int]) -> None:
     """Headers near the limit and bodies near MAX_BODY_BYTES, pipelined on one connection (reads
     that hold one request's body and the next one's headers), are served, not refused."""
