@@ -37,11 +37,13 @@ async def test_a_credits_process_stays_within_its_connection_budget(
             db_pgbouncer=pgbouncer,
             signup_credits=0,
         ) as credits,
+        # Idle connections expire here before uvicorn's 5 s keep-alive closes them: requests that wait
+        # for a database connection make some client connections idle that long.
         httpx.AsyncClient(
             base_url=credits.url,
             headers=credits.headers,
             timeout=60,
-            limits=httpx.Limits(max_connections=200),
+            limits=httpx.Limits(max_connections=200, keepalive_expiry=1.0),
         ) as http,
     ):
         admin = await asyncpg.connect(user="postgres", host="127.0.0.1", database="postgres")
