@@ -19,10 +19,12 @@ infra:
 	@bash deploy/scripts/ensure-infra.sh
 
 # Test tools from Debian's packages: headless Chromium for the portal's end-to-end tests (never a
-# downloaded browser) and docker-compose to validate docker-compose.yml where no Docker engine runs.
+# downloaded browser), docker-compose to validate docker-compose.yml where no Docker engine runs, and
+# PgBouncer for the test of credits behind transaction pooling.
 browser:
 	@missing=""; test -x /usr/bin/chromium || missing="chromium chromium-driver"; \
 	command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1 || missing="$$missing docker-compose"; \
+	test -x /usr/sbin/pgbouncer || command -v pgbouncer >/dev/null || missing="$$missing pgbouncer"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing test tools:$$missing"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
