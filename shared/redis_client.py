@@ -23,8 +23,13 @@ from typing import Any, TypeAlias, cast
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, RedisError
 
 from shared.settings import RedisSettings
+
+# What Redis being unavailable can raise, of either kind of client: the cluster client's own errors
+# (no node reachable, the cluster not formed) are not RedisErrors.
+REDIS_ERRORS: tuple[type[Exception], ...] = (RedisError, RedisClusterException)
 
 # Typed as the single-node client for both kinds: the cluster client has the same commands (and
 # `aclose`), which the installed stubs, older than redis-py 5, do not declare.

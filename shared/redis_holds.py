@@ -24,12 +24,14 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError
 
-from shared.redis_client import AnyRedis, redis_client
+from shared.redis_client import REDIS_ERRORS, AnyRedis, redis_client
 from shared.settings import RedisSettings
 
 log = logging.getLogger("shared.redis_holds")
+
+REDIS_UNAVAILABLE: tuple[type[Exception], ...] = (*REDIS_ERRORS, OSError, TimeoutError)
 
 DEFAULT_NAMESPACE = "credits"
 
@@ -189,7 +191,7 @@ class RedisHolds:
                     # this path refuse sooner, and the credits service then clears it.
                     (reservation_id, amount, "", "exact", deadline_ms, 0),
                 )
-        except (RedisError, OSError, TimeoutError):
+        except REDIS_UNAVAILABLE:
             self._skip_until = time.monotonic() + self.retry_after_seconds
             log.warning("placing a hold in Redis failed; asking the credits service", exc_info=True)
             return None
