@@ -14,7 +14,6 @@ import asyncpg
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 from fastapi import FastAPI, Request
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.credits.api import admin, hot_routes, internal
@@ -35,10 +34,6 @@ from shared.web import create_service_app
 log = logging.getLogger("credits.app")
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
-
-
-def asyncpg_dsn(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 @dataclass
