@@ -19,15 +19,17 @@ infra:
 	@bash deploy/scripts/ensure-infra.sh
 
 # Test tools from Debian's packages: headless Chromium for the portal's end-to-end tests (never a
-# downloaded browser) and docker-compose to validate docker-compose.yml where no Docker engine runs.
+# downloaded browser), docker-compose to validate docker-compose.yml where no Docker engine runs, and
+# PgBouncer for the test of credits behind transaction pooling.
 # Says what it is about to install first; NO_SYSTEM_PACKAGES=1 skips it (those tests are then skipped).
 CHROMIUM ?= /usr/bin/chromium
 APT_GET ?= apt-get
 browser:
 	@missing=""; test -x $(CHROMIUM) || missing="chromium chromium-driver"; \
 	command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1 || missing="$$missing docker-compose"; \
+	test -x /usr/sbin/pgbouncer || command -v pgbouncer >/dev/null || missing="$$missing pgbouncer"; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
-	missing=$$(echo $$missing); skipped="the portal's browser tests and the docker-compose check will be skipped"; \
+	missing=$$(echo $$missing); skipped="the tests that need them (browser, docker-compose, PgBouncer) will be skipped"; \
 	if [ -n "$(NO_SYSTEM_PACKAGES)" ]; then \
 	  echo "make test: not installing $$missing (NO_SYSTEM_PACKAGES is set); $$skipped"; \
 	elif ! command -v $(APT_GET) >/dev/null 2>&1; then \

@@ -337,6 +337,12 @@ def main() -> None:
         " credits' HTTP reserve (HOLDS_IN_REDIS=0)",
     )
     parser.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        help="run credits and proxy against a local 3-master Redis Cluster (REDIS_CLUSTER=true),"
+        " started from the installed redis-server for the run",
+    )
+    parser.add_argument(
         "--profile",
         default="",
         help="comma-separated servers (proxy,credits,standin) to run under py-spy; samples go to"
@@ -346,11 +352,20 @@ def main() -> None:
     PROFILED.update(name for name in args.profile.split(",") if name)
 
     ns = f"bench-{uuid.uuid4().hex[:6]}"
+    common = {"BROKER_NAMESPACE": ns, "REDIS_URL": "redis://127.0.0.1:6379/13", "LOG_LEVEL": args.log_level}
+    with contextlib.ExitStack() as cluster:
+        if args.redis_cluster:
+            from tests.support.redis_cluster import local_cluster
+
+            common.update(REDIS_URL=cluster.enter_context(local_cluster()), REDIS_CLUSTER="true")
+        run(args, ns, common)
+
+
+def run(args: argparse.Namespace, ns: str, common: dict[str, str]) -> None:
     standin_port, credits_port, proxy_port = free_port(), free_port(), free_port()
     standin = f"http://127.0.0.1:{standin_port}"
     credits = f"http://127.0.0.1:{credits_port}"
     proxy = f"http://127.0.0.1:{proxy_port}"
-    common = {"BROKER_NAMESPACE": ns, "REDIS_URL": "redis://127.0.0.1:6379/13", "LOG_LEVEL": args.log_level}
     db = f"postgresql+asyncpg://postgres@127.0.0.1:5432/cp_bench_{ns.replace('-', '_')}"
     py = sys.executable
     results = []

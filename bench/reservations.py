@@ -347,6 +347,7 @@ async def main(args: argparse.Namespace) -> None:
         "RABBITMQ_URL": args.rabbitmq_url,
         "LOG_LEVEL": "WARNING",
         "DB_POOL_SIZE": str(args.db_pool),
+        "DB_HOT_POOL_SIZE": str(args.db_pool),
     }
     accounts = [f"bench-{i}" for i in range(args.accounts)]
     results: list[Result] = []

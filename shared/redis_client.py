@@ -14,18 +14,32 @@ connections are all busy (its pool does not block).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
+from collections.abc import AsyncIterator
+from contextvars import ContextVar
 from typing import Any, TypeAlias, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, RedisError
 
 from shared.settings import RedisSettings
+
+# What Redis being unavailable can raise, of either kind of client: the cluster client's own errors
+# (no node reachable, the cluster not formed) are not RedisErrors.
+REDIS_ERRORS: tuple[type[Exception], ...] = (RedisError, RedisClusterException)
 
 # Typed as the single-node client for both kinds: the cluster client has the same commands (and
 # `aclose`), which the installed stubs, older than redis-py 5, do not declare.
 AnyRedis: TypeAlias = "aioredis.Redis[Any]"
+
+
+# Set while a call holds a slot of the bound: the cluster client runs some commands through itself
+# (a pipeline's commands redirected by MOVED/ASK during a resharding), and those must not wait for a
+# second slot while holding one (a burst of such calls would wait on each other until the timeout).
+_holding: ContextVar[bool] = ContextVar("redis_cluster_slot_held", default=False)
 
 
 class BoundedRedisCluster(RedisCluster):  # type: ignore[type-arg]  # stubs predate redis-py 5
@@ -41,7 +55,11 @@ class BoundedRedisCluster(RedisCluster):  # type: ignore[type-arg]  # stubs pred
         self._in_flight = asyncio.Semaphore(kwargs.get("max_connections", 100))
         self._pool_timeout = pool_timeout
 
-    async def _enter(self) -> None:
+    @contextlib.asynccontextmanager
+    async def bounded(self) -> AsyncIterator[None]:
+        if _holding.get():
+            yield
+            return
         try:
             async with asyncio.timeout(self._pool_timeout):
                 await self._in_flight.acquire()
@@ -49,13 +67,16 @@ class BoundedRedisCluster(RedisCluster):  # type: ignore[type-arg]  # stubs pred
             raise RedisConnectionError(
                 f"no free Redis Cluster connection within {self._pool_timeout} s"
             ) from None
+        token = _holding.set(True)
+        try:
+            yield
+        finally:
+            _holding.reset(token)
+            self._in_flight.release()
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        await self._enter()
-        try:
+        async with self.bounded():
             return await super().execute_command(*args, **kwargs)
-        finally:
-            self._in_flight.release()
 
     def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> Any:
         if shard_hint:
@@ -67,12 +88,8 @@ class _BoundedPipeline(ClusterPipeline):  # type: ignore[type-arg]
     cluster_client: BoundedRedisCluster
 
     async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
-        client = self.cluster_client
-        await client._enter()
-        try:
+        async with self.cluster_client.bounded():
             return await super().execute(raise_on_error, allow_redirections)
-        finally:
-            client._in_flight.release()
 
 
 def redis_client(

@@ -26,12 +26,14 @@ from importlib import resources
 from typing import Any
 
 import orjson
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError
 
-from shared.redis_client import AnyRedis, redis_client
+from shared.redis_client import REDIS_ERRORS, AnyRedis, redis_client
 from shared.settings import RedisSettings
 
 log = logging.getLogger("shared.redis_holds")
+
+REDIS_UNAVAILABLE: tuple[type[Exception], ...] = (*REDIS_ERRORS, OSError, TimeoutError)
 
 DEFAULT_NAMESPACE = "credits"
 
@@ -216,7 +218,7 @@ class RedisHolds:
                     # this path refuse sooner, and the credits service then clears it.
                     (reservation_id, amount, "", "exact", deadline_ms, 0, "usage"),
                 )
-        except (RedisError, OSError, TimeoutError):
+        except REDIS_UNAVAILABLE:
             self._skip_until = time.monotonic() + self.retry_after_seconds
             log.warning("placing a hold in Redis failed; asking the credits service", exc_info=True)
             return None

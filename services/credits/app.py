@@ -13,9 +13,7 @@ from typing import Any
 import asyncpg
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 from fastapi import FastAPI, Request
-from redis.exceptions import RedisError
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.responses import FileResponse
 from starlette.staticfiles import StaticFiles
@@ -32,7 +30,7 @@ from services.credits.sweeper import Sweeper
 from shared.broker import Publisher, Topology, connect, consume
 from shared.db import create_hot_pool, engine_for, ensure_database, migrate
 from shared.errors import ServiceUnavailable, error_response
-from shared.redis_client import AnyRedis, redis_client
+from shared.redis_client import REDIS_ERRORS, AnyRedis, redis_client
 from shared.responses import JsonResponse
 from shared.vendor import CHARTJS_DIR
 from shared.web import create_service_app
@@ -41,10 +39,6 @@ log = logging.getLogger("credits.app")
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 DASHBOARD_DIR = Path(__file__).parent / "dashboard"
-
-
-def asyncpg_dsn(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 @dataclass
@@ -205,7 +199,7 @@ def create_app(settings: CreditsSettings, *, clock: Clock = utcnow) -> FastAPI:
         log.warning("%s %s: dependency unavailable: %r", request.method, request.url.path, exc)
         return error_response(503, "service_unavailable", ServiceUnavailable.default_message)
 
-    for exc_type in (RedisError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError):
+    for exc_type in (*REDIS_ERRORS, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError):
         app.add_exception_handler(exc_type, dependency_down)
     app.add_hot_routes(hot_routes)
     app.include_router(internal)

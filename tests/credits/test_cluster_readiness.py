@@ -4,6 +4,7 @@ then failed most user creations with MOVED."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 
 import httpx
@@ -33,3 +34,25 @@ async def test_readyz_reports_redis_failing_for_a_single_node_client_on_a_cluste
                 for user in ("}{a", "{b}", "c}"):
                     r = await http.post("/v1/users", json={"user_id": user})
                     assert r.status_code == 201, r.text
+
+
+async def test_an_unreachable_cluster_is_a_503_not_a_500(
+    make_database_url: Callable[[str], str], broker_namespace: str
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = int(s.getsockname()[1])
+    async with (
+        running_credits(
+            database_url=make_database_url("credits_no_cluster"),
+            redis_url=f"redis://127.0.0.1:{closed}/0",
+            redis_cluster=True,
+            broker_namespace=broker_namespace,
+            run_background_tasks=False,
+        ) as credits,
+        httpx.AsyncClient(base_url=credits.url, headers=credits.headers, timeout=30) as http,
+    ):
+        r = await http.post("/v1/users", json={"user_id": "nobody-reachable"})
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "service_unavailable"
+        assert (await http.get("/readyz")).status_code == 503

@@ -9,6 +9,7 @@ import uuid
 
 import aio_pika
 import orjson
+import pytest
 
 from shared.broker import Topology
 from tests.conftest import eventually
@@ -52,6 +53,7 @@ async def _send(
     )
 
 
+@pytest.mark.both_redis
 async def test_job_completes_replies_and_is_charged_once(
     proxy, amqp_connection, topology: Topology, credits: Credits
 ) -> None:  # type: ignore[no-untyped-def]

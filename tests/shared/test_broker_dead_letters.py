@@ -4,7 +4,8 @@ A queue declared before, with the older arguments, is adopted as it is and gets 
 from the policy in deploy/rabbitmq/definitions.json.
 
 What the broker holds is read with `rabbitmqctl` (the management API is not always enabled): the
-quorum queue's `messages` counts a dead-lettered message it still keeps for the dead-letter queue."""
+quorum queue's `messages` counts a dead-lettered message it still keeps for the dead-letter queue
+(as of the broker's last statistics, published every 5 s)."""
 
 from __future__ import annotations
 
@@ -49,8 +50,9 @@ async def _poison(connection: aio_pika.abc.AbstractRobustConnection, queue: str)
     await channel.close()
 
 
-async def _reject_everything(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-    raise PoisonMessage("test")
+# The broker publishes queue statistics every 5 s (collect_statistics_interval): a count read this long
+# after an event reflects it.
+STATS_INTERVAL = 5.5
 
 
 async def _dead_letter_round_trip(
@@ -58,7 +60,13 @@ async def _dead_letter_round_trip(
 ) -> None:
     """With the dead-letter queue unbound a rejected message is kept; bound again, the next reaches it."""
     queue = topology.name(base)
-    channel, consumer_queue, tag = await consume(connection, topology, base, _reject_everything)
+    rejected = asyncio.Event()
+
+    async def reject_everything(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        rejected.set()
+        raise PoisonMessage("test")
+
+    channel, consumer_queue, tag = await consume(connection, topology, base, reject_everything)
     side = await connection.channel()
     dlq = await side.declare_queue(
         topology.dead_letter_queue, durable=True, arguments={"x-queue-type": "quorum"}
@@ -66,7 +74,8 @@ async def _dead_letter_round_trip(
     try:
         await dlq.unbind(topology.dead_letter_exchange)
         await _poison(connection, queue)
-        await asyncio.sleep(1.0)
+        await asyncio.wait_for(rejected.wait(), 10)
+        await asyncio.sleep(STATS_INTERVAL)
         assert await _messages(queue) == 1  # kept: the DLX routes nowhere just now
         await dlq.purge()
         await dlq.bind(topology.dead_letter_exchange)

@@ -4,6 +4,7 @@ connection instead of failing under a burst, and readiness proves a real key ope
 from __future__ import annotations
 
 import asyncio
+import socket
 import uuid
 
 import pytest
@@ -13,7 +14,7 @@ from redis.crc import key_slot
 from redis.exceptions import MaxConnectionsError
 
 from shared.redis_client import BoundedRedisCluster, probe, redis_client
-from shared.redis_holds import user_keys
+from shared.redis_holds import RedisHolds, user_keys
 from shared.settings import RedisSettings
 
 BRACED_IDS = ["}", "{", "}{", "{}", "a}b{c", "}user{", "{x}", "{{", "}}", "plain", "ユーザー{1}"]
@@ -77,3 +78,21 @@ async def test_readiness_fails_for_a_single_node_client_against_a_cluster(redis_
             await probe(cluster, "credits")
     finally:
         await cluster.aclose()
+
+
+async def test_an_unreachable_cluster_sends_the_proxy_to_credits_instead_of_failing() -> None:
+    """The cluster client's own errors (no node reachable) are not RedisErrors: the fast path must
+    still answer None (credits' HTTP reserve decides) rather than fail the request."""
+    holds = RedisHolds.from_settings(
+        RedisSettings(redis_url=f"redis://127.0.0.1:{_closed_port()}/0", redis_cluster=True)
+    )
+    try:
+        assert await holds.place("someone", 1) is None
+    finally:
+        await holds.aclose()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
