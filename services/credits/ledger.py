@@ -177,6 +177,10 @@ class Ledger:
         # hash: into PostgreSQL with them first, or the rebuild would hand their credits back. (Before
         # this rebuild is registered: applying them may itself need the account loaded.)
         await self.drain_pending(user_id)
+        running = self._rebuilds.get(user_id)
+        if running is not None and not (force or if_behind):
+            await asyncio.shield(running)  # started while the pending records were read
+            return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._rebuilds[user_id] = future
         try:
