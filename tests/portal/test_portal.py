@@ -14,7 +14,7 @@ from playwright.async_api import Page, expect
 
 from shared.devtoken import make_token
 from tests.conftest import eventually
-from tests.portal.conftest import PHONE
+from tests.portal.conftest import ARTIFACTS, PHONE
 from tests.portal.stack import Stack
 from tests.support.proxy_service import running_proxy
 from tests.support.servers import free_port
@@ -366,6 +366,7 @@ async def test_api_docs_render_offline(page: Page, stack: Stack, shoot: Any) -> 
     await expect(page.locator(".opblock-summary-path", has_text="/v1/chat/completions")).to_be_visible()
     await expect(page.locator(".opblock-summary-path", has_text="/v1/account/checkout")).to_be_visible()
     await expect(page.locator("button.authorize")).to_be_visible()
+    await page.screenshot(path=str(ARTIFACTS / "docs-top-1280.png"))  # the first screen, as a reader sees it
     await page.locator(".opblock-summary-path", has_text="/v1/chat/completions").first.click()
     await expect(page.locator(".opblock-body").first).to_contain_text("X-Credits-Charged")
     await shoot(page, "docs")
