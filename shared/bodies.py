@@ -1,7 +1,7 @@
 """JSON bodies parsed after authentication.
 
 FastAPI parses a declared body before any dependency runs, so a caller without a token who sent
-malformed JSON was answered 422 instead of 401 (CONTRACT §3). Routes take their body through
+malformed JSON was answered 422 instead of 401 (docs/api.md, Conventions). Routes take their body through
 `json_body(Model)` instead: a dependency, solved after the route's and router's auth dependencies.
 
 Every request body model derives from `RequestBody`, which refuses text PostgreSQL cannot store (a

@@ -1,6 +1,6 @@
 """RabbitMQ plumbing on aio-pika: robust connection, topology, confirmed publishing, safe consuming.
 
-Topology (CONTRACT §7): a durable topic exchange for events, a fanout dead-letter exchange and its
+Topology (docs/messages.md): a durable topic exchange for events, a fanout dead-letter exchange and its
 durable queue. Work queues are quorum queues that dead-letter to the DLX; a consumer rejects a
 poison message without requeue (so it lands in the dead-letter queue at once) and requeues a
 message that failed for a passing reason, which the queue's delivery limit bounds.

@@ -1,6 +1,6 @@
 """`CreditProxyClient`: the Python client for host-app backends.
 
-A host app's backend acts for its users with the internal token (CONTRACT §6.1): it sends them to
+A host app's backend acts for its users with the internal token (docs/api.md, Proxy): it sends them to
 checkout, checks their credits before generating, and calls the gateway's OpenAI-compatible endpoints
 on their behalf. Admin calls (grants, analytics) need the admin token and the credits service URL.
 
@@ -119,7 +119,7 @@ class CreditProxyClient:
         return list(r.json()["data"])
 
     async def get_user_credits(self, user_id: str) -> dict[str, Any]:
-        """The account of CONTRACT §4 (created with its signup credits on first use)."""
+        """The account (docs/api.md, Credits), created with its signup credits on first use."""
         r = await self._request("GET", f"{self._gateway}/v1/account", headers=self._as_user(user_id))
         return dict(r.json())
 

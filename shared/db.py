@@ -27,7 +27,7 @@ def _asyncpg_dsn(url: str, database: str | None = None) -> str:
 
 
 async def ensure_database(url: str) -> None:
-    """CONTRACT §2: the service's database is created if it does not exist."""
+    """docs/configuration.md: the service's database is created if it does not exist."""
     name = make_url(url).database
     if not name:
         return

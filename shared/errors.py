@@ -1,4 +1,4 @@
-"""The error envelope of CONTRACT §3 and the handlers that produce it everywhere.
+"""The error envelope (docs/api.md, Conventions) and the handlers that produce it everywhere.
 
 Domain code raises an `AppError` subclass carrying its HTTP status and code; one set of handlers
 maps those, validation failures, unknown routes and unhandled exceptions to the same envelope.

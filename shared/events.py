@@ -1,4 +1,4 @@
-"""The messages of CONTRACT §7 as pydantic models. Event names are past tense: they report facts."""
+"""The messages of docs/messages.md as pydantic models. Event names are past tense: they report facts."""
 
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ class AiJobFailed(Event):
 
 
 class AiJobRequest(BaseModel):
-    """A command, not an event: a message on the `ai.requests` queue (CONTRACT §7.1)."""
+    """A command, not an event: a message on the `ai.requests` queue (docs/messages.md, AI jobs)."""
 
     model_config = ConfigDict(extra="ignore")
     job_id: str = Field(min_length=1, max_length=200)

@@ -1,4 +1,4 @@
-"""Settings shared by every service, read from the environment (CONTRACT §2)."""
+"""Settings shared by every service, read from the environment (docs/configuration.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Billing's HTTP routes (CONTRACT §5): parse, call the domain, map the result."""
+"""Billing's HTTP routes (docs/api.md, Billing): parse, call the domain, map the result."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ async def list_purchases(
     return {"data": [p.public() for p in purchases]}
 
 
-# -- local test mode (CONTRACT §5.3) -----------------------------------------------------------------
+# -- local test mode (docs/api.md, Billing) ---------------------------------------------------------
 
 
 async def _test_purchase(rt: BillingRuntime, session_id: str) -> Any:

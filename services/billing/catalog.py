@@ -1,4 +1,4 @@
-"""The pack catalog (CONTRACT §5.1): built in, or loaded and validated from `PACKS_FILE` at start."""
+"""The pack catalog (docs/api.md, Billing): built in, or loaded and validated from `PACKS_FILE` at start."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ class CheckoutGateway(Protocol):
 
 
 class LocalTestCheckout:
-    """CONTRACT §5.3: without a Stripe key, sessions are billing's own test checkout page."""
+    """docs/api.md, Billing: without a Stripe key, sessions are billing's own test checkout page."""
 
     def __init__(self, public_url: str) -> None:
         self._public_url = public_url.rstrip("/")

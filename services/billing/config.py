@@ -1,4 +1,4 @@
-"""Billing settings (CONTRACT §2 plus billing's own: portal and public URLs, outbox relay timing)."""
+"""Billing settings (docs/configuration.md plus billing's own: portal and public URLs, outbox relay timing)."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ class BillingSettings(DatabaseSettings):
 
     @property
     def test_mode(self) -> bool:
-        """CONTRACT §5.3: without a Stripe key, checkout is served by billing's local test page."""
+        """docs/api.md, Billing: without a Stripe key, checkout is served by billing's local test page."""
         return not self.stripe_api_key
 
     @property

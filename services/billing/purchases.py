@@ -1,6 +1,6 @@
 """The purchases domain: what each Stripe event does to a purchase, and which messages it produces.
 
-Rules (CONTRACT §5.2, §7):
+Rules (docs/api.md, Billing; docs/messages.md):
 - A purchase is credited (status `paid` + one `billing.pack.purchased`) exactly once: the row is locked
   (`SELECT ... FOR UPDATE`) and only a purchase that was never credited moves to `paid`, so
   `checkout.session.completed` and `checkout.session.async_payment_succeeded`, repeated or concurrent,
@@ -15,7 +15,7 @@ Rules (CONTRACT §5.2, §7):
   the purchase. A message goes out only when the cumulative credits grew. A refund that arrives while
   the purchase is still pending (Stripe does not order its events) is kept on the row and applied in
   the transaction that credits it.
-- API unlock is not revoked by a refund: CONTRACT §4/§5.1 make `unlocks_api` a permanent property of
+- API unlock is not revoked by a refund: the unlock rules (docs/api.md) make `unlocks_api` a permanent property of
   the account once a qualifying pack was bought, and the credits (usage) are what a refund takes back.
 """
 
@@ -78,7 +78,7 @@ class Purchase:
         return row
 
     def public(self) -> dict[str, Any]:
-        """CONTRACT §5.1 purchase fields (plus a few extra, which the contract allows)."""
+        """Purchase fields of docs/api.md, Billing (plus a few extra, which the contract allows)."""
         return {
             "purchase_id": self.purchase_id,
             "pack": self.pack,

@@ -1,4 +1,4 @@
-"""Local test mode (CONTRACT §5.3): billing's own checkout page, used when no STRIPE_API_KEY is set.
+"""Local test mode (docs/api.md, Billing): billing's own checkout page, used when no STRIPE_API_KEY is set.
 
 Pay builds the `checkout.session.completed` event Stripe would send (same object shape), signs it the
 way Stripe does with the webhook secret, and hands the raw bytes and header to the webhook receiver:

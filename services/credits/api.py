@@ -1,4 +1,4 @@
-"""HTTP routes of the credits service (CONTRACT §4): parse, call the domain, map the result."""
+"""HTTP routes of the credits service (docs/api.md, Credits): parse, call the domain, map the result."""
 
 from __future__ import annotations
 

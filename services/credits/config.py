@@ -1,4 +1,4 @@
-"""Settings of the credits service (CONTRACT §2)."""
+"""Settings of the credits service (docs/configuration.md)."""
 
 from __future__ import annotations
 

@@ -43,7 +43,7 @@ Clock = Callable[[], datetime]
 
 _HOLD_LOST = "The hold is no longer in Redis and the balance no longer covers it."
 
-# CONTRACT §4 names business among the tiers that unlock the API but gives it no amount; it sits
+# The subscription migration names business among the tiers that unlock the API but gives it no amount; it sits
 # between pro and enterprise, and is migrated like enterprise.
 MIGRATION_CREDITS = {
     "free": 10,

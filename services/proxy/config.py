@@ -1,4 +1,4 @@
-"""Proxy settings (CONTRACT §2), read from the environment."""
+"""Proxy settings (docs/configuration.md), read from the environment."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ class ProxySettings(SharedSettings, RedisSettings):
     # keeps a burst at the gateway from becoming a burst of connections at credits.
     downstream_max_connections: int = 100
 
-    # The ai.requests worker (CONTRACT §7.1).
+    # The ai.requests worker (docs/messages.md, AI jobs).
     worker_enabled: bool = True
     worker_prefetch: int = 16
     worker_max_attempts: int = 3

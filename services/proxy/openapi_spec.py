@@ -170,6 +170,10 @@ def _account_answers(spec_paths: dict[str, Any]) -> None:
     operation = spec_paths.get("/v1/account", {}).get("get")
     if operation is not None:
         operation["responses"]["200"] = ok("The account", ref("Account"))["200"]
+    for path, operations in spec_paths.items():
+        for operation in operations.values():
+            if not operation.get("tags"):
+                operation["tags"] = ["account"] if path.startswith("/v1/account") else ["packs and payments"]
 
 
 def describe(app: FastAPI) -> None:

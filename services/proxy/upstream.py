@@ -69,7 +69,7 @@ def rejection(status: int, body: bytes) -> UpstreamRejected:
 
 
 def failure(operation: str, response_status: int) -> AppError:
-    """An upstream error answer mapped as CONTRACT §6.2 says (5xx → 502)."""
+    """An upstream error answer mapped as docs/api.md (Proxy) says (5xx → 502)."""
     UPSTREAM_ERRORS.labels(operation, str(response_status)).inc()
     return UpstreamError(f"The upstream AI provider failed (HTTP {response_status}).")
 

@@ -1,4 +1,4 @@
-"""The `ai.requests` workflow worker (CONTRACT §7.1).
+"""The `ai.requests` workflow worker (docs/messages.md, AI jobs).
 
 A job is charged like an internal call for its user, with the reservation's idempotency key
 `job:<job_id>`: a redelivered job finds the same hold at credits, and committing it again returns

@@ -1,4 +1,4 @@
-"""Local test mode (CONTRACT §5.3): no STRIPE_API_KEY, billing serves its own checkout page whose Pay
+"""Local test mode (docs/api.md, Billing): no STRIPE_API_KEY, billing serves its own checkout page whose Pay
 button sends a correctly signed checkout.session.completed through the webhook path."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""CONTRACT §3: internal endpoints take the internal token; a caller without it (or with a wrong one)
+"""docs/api.md, Conventions: internal endpoints take the internal token; a caller without it (or with a wrong one)
 gets 401 whatever its body, so an anonymous caller learns nothing about the endpoint's input rules
 (before: a malformed JSON body was answered 422, validated before the token was looked at)."""
 

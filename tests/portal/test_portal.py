@@ -14,7 +14,7 @@ from playwright.async_api import Page, expect
 
 from shared.devtoken import make_token
 from tests.conftest import eventually
-from tests.portal.conftest import PHONE
+from tests.portal.conftest import ARTIFACTS, PHONE
 from tests.portal.stack import Stack
 from tests.support.proxy_service import running_proxy
 from tests.support.servers import free_port
@@ -366,7 +366,56 @@ async def test_api_docs_render_offline(page: Page, stack: Stack, shoot: Any) -> 
     await expect(page.locator(".opblock-summary-path", has_text="/v1/chat/completions")).to_be_visible()
     await expect(page.locator(".opblock-summary-path", has_text="/v1/account/checkout")).to_be_visible()
     await expect(page.locator("button.authorize")).to_be_visible()
+    await page.screenshot(path=str(ARTIFACTS / "docs-top-1280.png"))  # the first screen, as a reader sees it
     await page.locator(".opblock-summary-path", has_text="/v1/chat/completions").first.click()
     await expect(page.locator(".opblock-body").first).to_contain_text("X-Credits-Charged")
     await shoot(page, "docs")
     assert elsewhere == []
+
+
+async def test_usage_rows_show_model_and_tokens(
+    page: Page, sign_in_url: Callable[..., str], new_user: Callable[[], str], shoot: Any
+) -> None:
+    """A usage entry's `details` (model, tokens) is shown in its row. The ledger rows come from credits;
+    here the answer is given to the page directly, so the rendering is tested on its own."""
+    rows = {
+        "data": [
+            {
+                "id": 2,
+                "type": "usage",
+                "amount": -3,
+                "balance_after": 7,
+                "reference": "reservation:abc",
+                "created_at": "2026-12-07T18:00:00Z",
+                "details": {
+                    "operation": "chat.completions",
+                    "model": "gpt-4o-mini",
+                    "input_tokens": 1200,
+                    "output_tokens": 40,
+                    "upstream_cost_usd": None,
+                },
+            },
+            {
+                "id": 1,
+                "type": "signup_bonus",
+                "amount": 10,
+                "balance_after": 10,
+                "reference": "signup:x",
+                "created_at": "2026-12-07T17:59:00Z",
+                "details": None,
+            },
+        ],
+        "has_more": False,
+    }
+
+    async def transactions(route: Any) -> None:
+        await route.fulfill(json=rows)
+
+    await page.route("**/v1/account/transactions*", transactions)
+    await page.goto(sign_in_url(new_user(), tab="history"))
+    usage = page.locator("[data-testid=history-row][data-type=usage]")
+    await expect(usage).to_contain_text("gpt-4o-mini · 1,200 in / 40 out tokens")
+    await expect(page.locator("[data-testid=history-row][data-type=signup_bonus]")).to_contain_text(
+        "signup:x"
+    )
+    await shoot(page, "history-usage-details")

@@ -1,4 +1,4 @@
-"""Upstream failures map as CONTRACT §6.2 says and are not charged; a stream cut short is charged for
+"""Upstream failures map as docs/api.md (Proxy) says and are not charged; a stream cut short is charged for
 what was served; every hold ends (credits_reserved back to 0)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Review of the gateway's caller rules (CONTRACT §6.1) and response headers (§6.2): 401 comes before any
+"""Review of the gateway's caller rules (docs/api.md, Proxy) and response headers: 401 comes before any
 look at the body, an API key always acts for its owner whatever X-User-Id says, and every answer after
 authentication carries the credit headers."""
 

@@ -1,4 +1,4 @@
-"""The ai.requests worker against the money rules of CONTRACT §7.1: a job is never served free after an
+"""The ai.requests worker against the money rules of docs/messages.md, AI jobs: a job is never served free after an
 earlier delivery released its hold, one job_id sent for two users is charged to and answered for
 each, and a job_id of any length the job schema accepts can be charged."""
 

@@ -1,4 +1,4 @@
-"""The ai.requests worker (CONTRACT §7.1): a job is charged once however often it is delivered,
+"""The ai.requests worker (docs/messages.md, AI jobs): a job is charged once however often it is delivered,
 answered on reply_to with its correlation_id and as an event; failures release the hold; garbage is
 dead-lettered."""
 

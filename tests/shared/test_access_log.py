@@ -71,7 +71,12 @@ def test_uvicorn_lines_carry_the_services_name(capsys: pytest.CaptureFixture[str
     saved = root.handlers[:], root.level
     try:
         configure_logging("credits", "INFO", json_format=False)
-        logging.getLogger("uvicorn.error").info("Application startup complete.")
+        # Straight to the handler the services log through (uvicorn runs with log_config=None there, so its
+        # loggers propagate to it; servers started in-process by other tests may have re-wired them here).
+        record = logging.getLogger("uvicorn.error").makeRecord(
+            "uvicorn.error", logging.INFO, __file__, 0, "Application startup complete.", (), None
+        )
+        logging.getLogger().handlers[0].handle(record)
     finally:
         root.handlers[:], level = saved
         root.setLevel(level)

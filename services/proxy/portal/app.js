@@ -7,6 +7,7 @@
   // The balance when the user left for checkout, so the return can tell when the credits arrived
   // (they may already be there on the first load back).
   var CHECKOUT_BALANCE_KEY = "credit_proxy.balance_before_checkout";
+  var CHECKOUT_LOCKED_KEY = "credit_proxy.api_locked_before_checkout";
   var POLL_MS = 5000;
   var FAST_POLL_MS = 1500;
   var FAST_POLL_FOR_MS = 60000;
@@ -56,6 +57,7 @@
     keysStale: true,
     buying: null,
     newKeyId: null,
+    lockedBeforeCheckout: false,
     balanceBeforeCheckout: null
   };
 
@@ -263,6 +265,7 @@
     state.historyStale = true;
     state.keysStale = true;
     state.forceLocked = false;
+    state.lockedBeforeCheckout = false;
     state.txCursors = [null];
     state.lastTxId = null;
     $("balance").textContent = "\u2026";
@@ -347,6 +350,12 @@
 
     markCurrentTier();
 
+    var wasLocked = prev ? !prev.api_access_unlocked : state.lockedBeforeCheckout;
+    if (acct.api_access_unlocked && wasLocked) {
+      state.lockedBeforeCheckout = false;
+      toast("API unlocked \u2014 create a key under API keys to call the API from your code", "success", "toast-api-unlocked");
+    }
+
     if (state.balanceBeforeCheckout !== null && remaining > state.balanceBeforeCheckout) {
       // "Your credits will appear in a moment" is now out of date.
       Array.prototype.forEach.call(document.querySelectorAll("[data-testid=toast-checkout-success]"), function (t) { t.remove(); });
@@ -359,9 +368,6 @@
         if (state.tab === "history" && state.txCursors.length === 1) loadHistory();
       }
       if (prev.api_access_unlocked !== acct.api_access_unlocked) {
-        if (acct.api_access_unlocked) {
-          toast("API unlocked \u2014 create a key under API keys to call the API from your code", "success", "toast-api-unlocked");
-        }
         state.keysStale = true;
         if (state.tab === "keys") loadKeys();
       }
@@ -518,7 +524,10 @@
     api("POST", "/v1/account/checkout", { pack: pack.id }).then(function (res) {
       if (!res || !res.url) throw new ApiError(0, "bad_response", "Checkout could not be started. Please try again.", false);
       if (state.account) {
-        try { sessionStorage.setItem(CHECKOUT_BALANCE_KEY, String(state.account.credits_remaining)); } catch (e) { /* ignore */ }
+        try {
+          sessionStorage.setItem(CHECKOUT_BALANCE_KEY, String(state.account.credits_remaining));
+          if (!state.account.api_access_unlocked) sessionStorage.setItem(CHECKOUT_LOCKED_KEY, "1");
+        } catch (e) { /* ignore */ }
       }
       window.location.assign(res.url);
     }).catch(function (err) {
@@ -799,6 +808,9 @@
     try {
       before = sessionStorage.getItem(CHECKOUT_BALANCE_KEY);
       sessionStorage.removeItem(CHECKOUT_BALANCE_KEY);
+      // Locked when the checkout began: the unlock may already be there when this page first loads.
+      state.lockedBeforeCheckout = result === "success" && sessionStorage.getItem(CHECKOUT_LOCKED_KEY) === "1";
+      sessionStorage.removeItem(CHECKOUT_LOCKED_KEY);
     } catch (e) { before = null; }
     if (result === "success") {
       toast("Payment received — your credits will appear in a moment", "success", "toast-checkout-success");
