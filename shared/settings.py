@@ -13,7 +13,7 @@ DEV_SECRETS: dict[str, str] = {
     "user_token_secret": "dev-user-token-secret",
 }
 
-# Where `make run` serves the gateway (CONTRACT §2: PUBLIC_BASE_URL's development default).
+# Where `make run` serves the gateway (docs/configuration.md: PUBLIC_BASE_URL's development default).
 DEV_PUBLIC_BASE_URL = "http://127.0.0.1:8000"
 
 
@@ -25,7 +25,7 @@ class SharedSettings(BaseSettings):
     default_port: ClassVar[int] = 8000
     # Secrets a service really uses; only these are checked in production.
     secret_fields: ClassVar[tuple[str, ...]] = ("internal_token",)
-    # Services that hand out URLs (proxy, billing) need PUBLIC_BASE_URL in production (CONTRACT §2).
+    # Services that hand out URLs (proxy, billing) need PUBLIC_BASE_URL in production (docs/configuration.md).
     hands_out_urls: ClassVar[bool] = False
 
     host: str = "127.0.0.1"
@@ -100,7 +100,7 @@ class DatabaseSettings(SharedSettings):
 
 
 class RedisSettings(BaseSettings):
-    """Redis as the credits service and the proxy reach it (CONTRACT §2)."""
+    """Redis as the credits service and the proxy reach it (docs/configuration.md)."""
 
     model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
 

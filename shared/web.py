@@ -139,7 +139,7 @@ class RequestContextMiddleware:
     ) -> list[tuple[bytes, bytes]]:
         """A redirect Starlette built from the request's own URL (the trailing-slash redirect) names
         the `Host` the client sent, which anyone can set: it is rebased on PUBLIC_BASE_URL, or made
-        a path without a host where a service has none (CONTRACT §2)."""
+        a path without a host where a service has none (docs/configuration.md)."""
         host = next((value for name, value in scope["headers"] if name == b"host"), None)
         if host is None:
             return headers
@@ -250,7 +250,7 @@ class ServiceApp(FastAPI):
 
 class BodyLimitMiddleware:
     """Refuses what no route may see: bodies over the limit with 413 without reading past it
-    (CONTRACT §2 MAX_BODY_BYTES), and a NUL character in the path or query (`%00`), which would
+    (docs/configuration.md MAX_BODY_BYTES), and a NUL character in the path or query (`%00`), which would
     reach PostgreSQL as a path parameter or query value and fail there, with 400."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:

@@ -1,4 +1,4 @@
-"""The operator's figures (CONTRACT §4 "Operator insight") shaped from what store.py sums in PostgreSQL.
+"""The operator's figures (docs/api.md, Credits "Operator insight") shaped from what store.py sums in PostgreSQL.
 
 Ranges are UTC days, both ends included; None is unbounded. Flows (revenue, packs, credits in and
 out, upstream cost, sign-ups) count what happened in the range. `total_users` and `tier_breakdown`

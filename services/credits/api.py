@@ -63,7 +63,7 @@ Tokens = Annotated[StrictInt, Field(ge=0, le=10**12)]
 
 
 class UsageDetails(Body):
-    """What a committed request was (CONTRACT §4 `details` of a usage entry). Unknown keys are dropped,
+    """What a committed request was (docs/api.md, Credits `details` of a usage entry). Unknown keys are dropped,
     so what is stored stays small; known keys are checked strictly."""
 
     operation: Label

@@ -1,4 +1,4 @@
-"""Account endpoints (CONTRACT §6.3) for the portal and trusted backends, the Stripe webhook passed
+"""Account endpoints (docs/api.md, Proxy) for the portal and trusted backends, the Stripe webhook passed
 through to billing, and the portal's static files (§6.4)."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def _proxy(request: Request) -> Proxy:
 
 async def _account_caller(request: Request, *, read_only: bool = False) -> tuple[Proxy, Caller]:
     """The user acting: a sign-in token or the internal token; for the reads (`read_only`) also a
-    user API key (CONTRACT §6.3), which may not manage keys or start a checkout (403)."""
+    user API key (docs/api.md, Proxy), which may not manage keys or start a checkout (403)."""
     proxy = _proxy(request)
     caller = await proxy.auth.for_account(
         request.headers.get("authorization"), request.headers.get("x-user-id"), allow_api_key=read_only

@@ -1,4 +1,4 @@
-"""Who is calling (CONTRACT §6.1), decided from the Authorization header.
+"""Who is calling (docs/api.md, Proxy), decided from the Authorization header.
 
 - The internal token plus `X-User-Id`: a trusted backend acting for that user.
 - A JWT (three dot-separated segments starting `eyJ`) signed HS256 with `USER_TOKEN_SECRET`: the user
@@ -138,7 +138,7 @@ class Authenticator:
         self, authorization: str | None, user_id_header: str | None, *, allow_api_key: bool = False
     ) -> Caller:
         """Account endpoints: a user JWT, or the internal token with X-User-Id; where `allow_api_key`
-        (the reads of CONTRACT §6.3) also a user API key, which elsewhere is refused with 403."""
+        (the reads of docs/api.md, Proxy) also a user API key, which elsewhere is refused with 403."""
         token = parse_bearer(authorization)
         if token is None:
             raise Unauthorized("Missing credentials: sign in, or send Authorization: Bearer <token>.")

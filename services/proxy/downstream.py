@@ -37,7 +37,7 @@ class DownstreamError(AppError):
 class InternalClient:
     """JSON over the lean HTTP pool, with the internal token and the request id on every call.
 
-    `base_url` may list several processes of the service, comma-separated (CONTRACT §2): calls take
+    `base_url` may list several processes of the service, comma-separated (docs/configuration.md): calls take
     them in turn, and a call that cannot connect to one goes to the next. A process that failed is
     passed over for `down_seconds` (while another one answers), so a dead process costs a failed
     connect about once per `down_seconds`, not on every call. Only a failed connect moves a call on:

@@ -170,7 +170,7 @@ class Meter:
 
     async def _renew(self) -> None:
         """Moves on the deadline of every hold whose request has run for half the hold's lifetime, so
-        a hold never lapses while the proxy still serves its request (CONTRACT §6.2: the TTL only ends
+        a hold never lapses while the proxy still serves its request (docs/api.md, Proxy: the TTL only ends
         holds whose proxy went away). Runs while holds are being served; one pass per quarter TTL."""
         period = self.hold_ttl_seconds / 4
         try:

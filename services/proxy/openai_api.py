@@ -1,4 +1,4 @@
-"""The OpenAI-compatible endpoints (CONTRACT §6.2): authenticate (cached), hold the price, forward the
+"""The OpenAI-compatible endpoints (docs/api.md, Proxy): authenticate (cached), hold the price, forward the
 bytes, answer with upstream's bytes, settle the hold after the answer is out."""
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ async def _metered(request: Request, operation: str) -> Response:
     forward = hold.quote.forward()
     if hold.quote.stream:
         return await _stream(proxy, hold, forward)
-    # Once forwarded, the request is charged even if its client leaves (CONTRACT §6.2); the upstream
+    # Once forwarded, the request is charged even if its client leaves (docs/api.md, Proxy); the upstream
     # call is then cancelled, so the operator stops paying for it (see ClientWatch).
     task = asyncio.current_task()
     assert task is not None

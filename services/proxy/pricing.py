@@ -1,4 +1,4 @@
-"""What a request costs (CONTRACT §6.2 `PRICING_FILE`), decided once per request into a `Quote`.
+"""What a request costs (docs/api.md, Proxy `PRICING_FILE`), decided once per request into a `Quote`.
 
 A model is priced either per request (a fixed number of credits per item: `n` choices or `n` images) or
 per token: input and output tokens each at a rate per 1,000, the sum rounded up to whole credits, with
@@ -396,7 +396,7 @@ class Quote:
         )
 
     def details(self, charge: Charge) -> dict[str, Any]:
-        """The `details` of the usage ledger entry (CONTRACT §4)."""
+        """The `details` of the usage ledger entry (docs/api.md, Credits)."""
         return {
             "operation": self.operation,
             "model": ledger_label(self.model),

@@ -1,5 +1,5 @@
 """Billing refuses configurations that would let anyone credit an account or pick where customers are
-sent (CONTRACT §2): a Stripe key without its webhook signing secret, production without PUBLIC_BASE_URL."""
+sent (docs/configuration.md): a Stripe key without its webhook signing secret, production without PUBLIC_BASE_URL."""
 
 from __future__ import annotations
 

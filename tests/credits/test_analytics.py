@@ -1,4 +1,4 @@
-"""Operator analytics (CONTRACT §4 "Operator insight") against a real credits service with known
+"""Operator analytics (docs/api.md, Credits "Operator insight") against a real credits service with known
 purchases, a refund and usage with `details`, over ranges that include and exclude them.
 
 The service writes its own timestamps (PostgreSQL's clock). To put the activity on known days, each

@@ -1,4 +1,4 @@
-"""Two things the proxy needs so that every served request is paid for (CONTRACT §6.2 "What is charged"):
+"""Two things the proxy needs so that every served request is paid for (docs/api.md, Proxy "What is charged"):
 
 - a commit's `overage`: the credits a request cost beyond its hold (its reported usage exceeded the
   estimate) are charged too: what is available is taken, the rest recorded as owed, once;

@@ -143,7 +143,7 @@ async def _eventual_remaining(credits: Credits, user: str) -> int:
 
 async def test_client_gone_before_the_answer_is_charged(proxy, credits: Credits) -> None:  # type: ignore[no-untyped-def]
     """The client hangs up while upstream is still working: the request was forwarded, so it is
-    charged (CONTRACT §6.2 "What is charged"); the proxy cancels the upstream call."""
+    charged (docs/api.md, Proxy "What is charged"); the proxy cancels the upstream call."""
     from tests.conftest import eventually
 
     user = await credits.user(7)

@@ -1,4 +1,4 @@
-"""Every request the upstream serves is paid for (CONTRACT §6.2 "What is charged", "Per-request prices",
+"""Every request the upstream serves is paid for (docs/api.md, Proxy "What is charged", "Per-request prices",
 "Token prices"): each test closes one way a hostile customer got upstream work for free, and asserts the
 balance, the ledger and what the upstream saw."""
 

@@ -68,7 +68,7 @@ async def test_api_key_charges_its_owner_whatever_x_user_id_says(
     assert r.headers["x-credits-charged"] == "1" and r.headers["x-credits-remaining"] == "4"
     await credits.settled(owner, 4, usage_total=1)
     await credits.settled(victim, 5, usage_total=0)
-    # On the account reads an API key is its owner's too (CONTRACT §6.3), whatever X-User-Id says.
+    # On the account reads an API key is its owner's too (docs/api.md, Proxy), whatever X-User-Id says.
     r = await gateway.get("/v1/account", headers={"Authorization": f"Bearer {key}", "X-User-Id": victim})
     assert r.status_code == 200 and r.json()["user_id"] == owner, r.text
 
