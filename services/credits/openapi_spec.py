@@ -100,6 +100,16 @@ def extra_paths() -> dict[str, Any]:
             }
         },
         "/v1/api-keys/verify": _post("Whose key is this", VerifyKey, ref("VerifiedKey")),
+        "/admin/": {
+            "get": {
+                "summary": "The operator dashboard (signs in with the admin token)",
+                "tags": ["admin"],
+                "security": [],
+                "responses": {
+                    "200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}
+                },
+            }
+        },
     }
 
 
