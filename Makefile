@@ -41,6 +41,7 @@ browser:
 	fi
 
 test: install infra browser
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 run: install infra
@@ -49,6 +50,7 @@ run: install infra
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 format: install
 	$(VENV)/bin/ruff format .
