@@ -358,7 +358,7 @@ def main() -> None:
         stack.enter_context(
             process(
                 "standin",
-                [py, "-m", "services.proxy.standin"],
+                [py, "-m", "services.standin"],
                 {"STANDIN_PORT": str(standin_port), "STANDIN_LOG_LEVEL": "warning"},
                 f"{standin}/healthz",
             )
