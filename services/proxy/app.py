@@ -59,7 +59,6 @@ def create_app(settings: ProxySettings | None = None) -> FastAPI:
         if connection is not None and settings.worker_enabled:
             worker = Worker(proxy, connection, Topology(settings.broker_namespace), redis)
             await worker.start()
-        proxy.extras["worker"] = worker
         try:
             yield
         finally:

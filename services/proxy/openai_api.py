@@ -16,7 +16,7 @@ from shared.errors import ApiAccessLocked, AppError, InvalidRequest, UpstreamErr
 from shared.logs import note_request
 from shared.web import TemplateRoute
 
-from .callers import Caller, CallerKind
+from .callers import CallerKind
 from .httpclient import StreamingCall, TransportError
 from .metering import Hold, credit_headers
 from .metrics import UPSTREAM_ERRORS
@@ -42,14 +42,6 @@ def _error(exc: AppError, charged: int, remaining: int | None, threshold: int) -
     return Response(
         orjson.dumps(exc.body()), status_code=exc.status_code, headers=headers, media_type=_JSON_CT
     )
-
-
-async def _caller(proxy: Proxy, request: Request) -> Caller:
-    headers = request.headers
-    caller = await proxy.auth.for_api(headers.get("authorization"), headers.get("x-user-id"))
-    if caller.kind is CallerKind.API_KEY and not caller.api_access_unlocked:
-        raise ApiAccessLocked(await proxy.billing.unlock_hint())
-    return caller
 
 
 async def list_models(request: Request) -> Response:
@@ -155,9 +147,6 @@ async def _stream(proxy: Proxy, hold: Hold, raw: bytes) -> Response:
         await proxy.meter.release_now(hold)
         raise
     return SseRelay(proxy, hold, call)
-
-
-_DONE = b"data: [DONE]"
 
 
 class SseRelay(Response):

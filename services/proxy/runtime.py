@@ -32,7 +32,6 @@ class Proxy:
     meter: Meter
     # Clients that leave while their requests wait for the upstream.
     client_watch: ClientWatch = field(default_factory=lambda: ClientWatch())
-    extras: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def build(cls, settings: ProxySettings) -> Proxy:
