@@ -43,6 +43,7 @@ browser:
 	fi
 
 test: install infra browser
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 run: install infra
@@ -51,6 +52,7 @@ run: install infra
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 format: install
 	$(VENV)/bin/ruff format .
@@ -67,4 +69,4 @@ bench: install infra
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache test-artifacts
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .import_linter_cache .grimp_cache test-artifacts

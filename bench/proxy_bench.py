@@ -373,7 +373,7 @@ def run(args: argparse.Namespace, ns: str, common: dict[str, str]) -> None:
         stack.enter_context(
             process(
                 "standin",
-                [py, "-m", "services.proxy.standin"],
+                [py, "-m", "services.standin"],
                 {"STANDIN_PORT": str(standin_port), "STANDIN_LOG_LEVEL": "warning"},
                 f"{standin}/healthz",
             )

@@ -132,7 +132,7 @@ def main() -> int:
         )
     children: list[Child] = []
     if not base_env.get("OPENAI_API_KEY"):
-        children.append(Child("upstream", "services.proxy.standin", 8010))
+        children.append(Child("upstream", "services.standin", 8010))
         base_env["OPENAI_BASE_URL"] = "http://127.0.0.1:8010/v1"
         base_env["OPENAI_API_KEY"] = "local-standin"
     children += [

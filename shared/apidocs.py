@@ -11,14 +11,14 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse
 from starlette.staticfiles import StaticFiles
 
+from shared.routing import TemplateMount
+
 SWAGGER_UI_DIR = Path(__file__).resolve().parent / "swagger_ui"
 STATIC_PREFIX = "/docs/static"
 
 
 def install_docs(app: FastAPI) -> None:
     """Adds `GET /docs` and the Swagger UI files under `/docs/static/` (the app has `docs_url=None`)."""
-    from shared.web import TemplateMount  # shared.web installs the docs: imported here, not at the top
-
     app.router.routes.append(
         TemplateMount(STATIC_PREFIX, StaticFiles(directory=SWAGGER_UI_DIR), name="swagger-ui")
     )

@@ -12,7 +12,7 @@ import asyncpg
 from alembic import command
 from alembic.config import Config
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from shared.settings import DatabaseSettings
 
@@ -88,10 +88,6 @@ async def create_hot_pool(settings: DatabaseSettings, size: int) -> asyncpg.Pool
         max_size=size,
         statement_cache_size=0 if settings.db_pgbouncer else 100,
     )
-
-
-def session_factory(engine: AsyncEngine) -> async_sessionmaker:  # type: ignore[type-arg]
-    return async_sessionmaker(engine, expire_on_commit=False)
 
 
 def alembic_config(url: str, migrations_dir: Path) -> Config:

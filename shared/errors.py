@@ -72,11 +72,6 @@ class Conflict(AppError):
     default_message = "Conflict."
 
 
-class PayloadTooLarge(AppError):
-    status_code, code, type = 413, "payload_too_large", "invalid_request_error"
-    default_message = "Request body too large."
-
-
 class UpstreamError(AppError):
     status_code, code, type = 502, "upstream_error", "api_error"
     default_message = "The upstream AI provider failed."

@@ -14,7 +14,7 @@ from fastapi.responses import Response
 from fastapi.telemetry import TelemetryConfig
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
-from starlette.routing import Match, Mount, Route
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.apidocs import install_docs
@@ -22,6 +22,8 @@ from shared.errors import error_response, install_error_handlers
 from shared.logs import REQUEST_ID_HEADER, new_request_id, request_id_var, request_notes_var
 from shared.metrics import CREDITS_BY_MODEL, HTTP_LATENCY, REQUESTS_BY_MODEL, model_label, render_latest
 from shared.responses import JsonResponse
+from shared.routing import TemplateMount as TemplateMount  # re-exported: routes import it from here
+from shared.routing import TemplateRoute as TemplateRoute
 
 ReadinessCheck = Callable[[], Awaitable[Any]]
 access_log = logging.getLogger("access")
@@ -154,28 +156,6 @@ class RequestContextMiddleware:
                         break
             rebased.append((name, value))
         return rebased
-
-
-class TemplateRoute(Route):
-    """A plain Starlette route (no FastAPI dependency solving, for hot endpoints) that puts itself in
-    the scope as FastAPI's routes do, so metrics and logs label requests by route template."""
-
-    def matches(self, scope: Scope) -> tuple[Match, Scope]:
-        match, child = super().matches(scope)
-        if match is not Match.NONE:
-            child["route"] = self
-        return match, child
-
-
-class TemplateMount(Mount):
-    """A mount (static files) that names itself in the scope like a route, so its requests are labelled
-    by its path (e.g. "/portal") in metrics and logs instead of "unmatched"."""
-
-    def matches(self, scope: Scope) -> tuple[Match, Scope]:
-        match, child = super().matches(scope)
-        if match is not Match.NONE:
-            child["route"] = self
-        return match, child
 
 
 class ServiceApp(FastAPI):

@@ -9,7 +9,8 @@ from typing import Protocol
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.billing.catalog import Catalog
-from services.billing.purchases import Purchase, Status, new_purchase_id
+from services.billing.models import Purchase, Status
+from services.billing.purchases import new_purchase_id
 from services.billing.store import BillingStore
 from services.billing.stripe_gateway import CheckoutRequest, CreatedSession, StripeFailure
 from shared.errors import NotFound, UpstreamError

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from services.billing.catalog import Catalog
+from services.billing.models import CREDITED, Purchase, Status
 from shared.events import PackPurchased, PackRefunded
 
 if TYPE_CHECKING:
@@ -38,61 +38,6 @@ log = logging.getLogger("billing.purchases")
 
 # Fixed namespace for deterministic message ids (uuid5), so a purchase maps to one "purchased" id.
 _EVENT_NAMESPACE = uuid.UUID("5b0f1e2c-8f5e-4d53-9a55-1c2b1f6a7c01")
-
-
-class Status(StrEnum):
-    PENDING = "pending"
-    PAID = "paid"
-    FAILED = "failed"
-    EXPIRED = "expired"
-    REFUNDED = "refunded"
-    PARTIALLY_REFUNDED = "partially_refunded"
-
-
-CREDITED = frozenset({Status.PAID, Status.REFUNDED, Status.PARTIALLY_REFUNDED})
-
-
-@dataclass(frozen=True)
-class Purchase:
-    purchase_id: str
-    user_id: str
-    pack: str
-    credits: int
-    unlocks_api: bool
-    amount_cents: int
-    currency: str
-    status: str
-    stripe_checkout_session_id: str | None = None
-    stripe_payment_intent_id: str | None = None
-    success_url: str | None = None
-    cancel_url: str | None = None
-    amount_refunded_cents: int = 0
-    credits_refunded: int = 0
-    review_reason: str | None = None
-    created_at: datetime | None = None
-    paid_at: datetime | None = None
-
-    def as_row(self) -> dict[str, Any]:
-        row = asdict(self)
-        row["created_at"] = self.created_at or datetime.now(UTC)
-        return row
-
-    def public(self) -> dict[str, Any]:
-        """Purchase fields of docs/api.md, Billing (plus a few extra, which the contract allows)."""
-        return {
-            "purchase_id": self.purchase_id,
-            "pack": self.pack,
-            "credits": self.credits,
-            "amount_cents": self.amount_cents,
-            "currency": self.currency,
-            "status": self.status,
-            "created_at": self.created_at,
-            "unlocks_api": self.unlocks_api,
-            "paid_at": self.paid_at,
-            "credits_refunded": self.credits_refunded,
-            "amount_refunded_cents": self.amount_refunded_cents,
-            "stripe_checkout_session_id": self.stripe_checkout_session_id,
-        }
 
 
 def new_purchase_id() -> str:

@@ -13,7 +13,8 @@ from datetime import datetime
 from services.billing.app import MIGRATIONS_DIR, build_relay
 from services.billing.catalog import load_catalog
 from services.billing.config import BillingSettings
-from services.billing.purchases import CREDITED, metadata_of
+from services.billing.models import CREDITED
+from services.billing.purchases import metadata_of
 from services.billing.store import BillingStore
 from services.billing.stripe_gateway import StripeGateway
 from services.billing.webhooks import WebhookReceiver

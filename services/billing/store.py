@@ -9,7 +9,7 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from services.billing.purchases import Purchase
+from services.billing.models import Purchase
 from shared import outbox
 from shared.events import Event
 

@@ -12,7 +12,7 @@ import secrets
 import time
 from typing import Any
 
-from services.billing.purchases import Purchase
+from services.billing.models import Purchase
 from services.billing.stripe_gateway import STRIPE_API_VERSION
 
 

@@ -193,13 +193,6 @@ async def open_holds(conn: AsyncConnection, user_id: str) -> list[tuple[str, int
     return [(str(r.id), int(r.amount), r.idempotency_key, int(r.expires_at.timestamp() * 1000)) for r in rows]
 
 
-async def set_account_flags(conn: AsyncConnection, user_id: str, **values: Any) -> None:
-    assignments = ", ".join(f"{k} = :{k}" for k in values)
-    await conn.execute(
-        text(f"UPDATE accounts SET {assignments} WHERE user_id = :u"), {**values, "u": user_id}
-    )
-
-
 async def unlock_api(conn: AsyncConnection, user_id: str) -> bool:
     """Returns true only for the first unlock."""
     row = (
@@ -247,16 +240,6 @@ async def transactions(conn: AsyncConnection, user_id: str, limit: int, before: 
         " WHERE user_id = :u" + (" AND id < :b" if before is not None else "") + " ORDER BY id DESC LIMIT :l"
     )
     return list((await conn.execute(text(query), {"u": user_id, "b": before, "l": limit})).all())
-
-
-async def ledger_sum(conn: AsyncConnection, user_id: str) -> int:
-    return int(
-        (
-            await conn.execute(
-                text("SELECT COALESCE(SUM(amount), 0) FROM ledger_entries WHERE user_id = :u"), {"u": user_id}
-            )
-        ).scalar_one()
-    )
 
 
 # ---------------------------------------------------------------- reservations

@@ -16,7 +16,7 @@ from .callers import Caller
 from .upstream import loads_object
 
 if TYPE_CHECKING:
-    from .app import Proxy
+    from .runtime import Proxy
 
 router = APIRouter()
 PORTAL_DIR = Path(__file__).resolve().parent / "portal"

@@ -9,8 +9,6 @@ import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any
 
 from fastapi import FastAPI
 from starlette.staticfiles import StaticFiles
@@ -18,85 +16,15 @@ from starlette.staticfiles import StaticFiles
 from services.proxy import openapi_spec as proxy_openapi
 from shared.broker import Topology, connect
 from shared.redis_client import probe, redis_client
-from shared.redis_holds import RedisHolds
 from shared.vendor import CHARTJS_DIR
 from shared.web import TemplateMount, create_service_app
 
 from . import account_api, openai_api
-from .callers import Authenticator
 from .config import ProxySettings
-from .downstream import BillingClient, CreditsClient
-from .metering import Meter
-from .pricing import PricingTable
-from .upstream import Upstream
+from .runtime import Proxy
+from .worker import Worker
 
 log = logging.getLogger("proxy.app")
-
-
-@dataclass
-class Proxy:
-    """Everything a request needs, built once per process."""
-
-    settings: ProxySettings
-    pricing: PricingTable
-    credits: CreditsClient
-    billing: BillingClient
-    upstream: Upstream
-    auth: Authenticator
-    meter: Meter
-    # Clients that leave while their requests wait for the upstream (openai_api.ClientWatch).
-    client_watch: openai_api.ClientWatch = field(default_factory=lambda: openai_api.ClientWatch())
-    extras: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def build(cls, settings: ProxySettings) -> Proxy:
-        credits = CreditsClient(
-            settings.credits_url, settings.internal_token, settings.downstream_timeout_seconds
-        )
-        billing = BillingClient(
-            settings.billing_url,
-            settings.internal_token,
-            settings.downstream_timeout_seconds,
-            settings.packs_cache_seconds,
-        )
-        redis_holds = None
-        if settings.holds_in_redis:
-            redis_holds = RedisHolds.from_settings(settings, ttl_seconds=settings.reservation_ttl_seconds)
-        return cls(
-            settings=settings,
-            pricing=PricingTable.load(settings.pricing_file),
-            credits=credits,
-            billing=billing,
-            upstream=Upstream(
-                settings.openai_base_url,
-                settings.openai_api_key,
-                settings.upstream_timeout_seconds,
-                settings.upstream_max_connections,
-            ),
-            auth=Authenticator(
-                credits,
-                internal_token=settings.internal_token,
-                user_token_secret=settings.user_token_secret,
-                positive_ttl=settings.api_key_cache_seconds,
-                negative_ttl=settings.api_key_negative_cache_seconds,
-            ),
-            meter=Meter(
-                credits,
-                settings.low_balance_threshold,
-                redis_holds,
-                settle_linger_seconds=settings.settle_linger_ms / 1000,
-                hold_ttl_seconds=settings.reservation_ttl_seconds,
-            ),
-        )
-
-    async def aclose(self) -> None:
-        self.client_watch.close()
-        clients: list[Any] = [self.credits, self.billing, self.upstream]
-        if self.meter.redis_holds is not None:
-            clients.append(self.meter.redis_holds)
-        for client in clients:
-            with contextlib.suppress(Exception):
-                await client.aclose()
 
 
 def create_app(settings: ProxySettings | None = None) -> FastAPI:
@@ -106,8 +34,6 @@ def create_app(settings: ProxySettings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        from .worker import Worker
-
         # The worker's job records (REDIS_CLUSTER picks the kind of client, like for the holds).
         redis = redis_client(settings)
         connection = None
@@ -133,7 +59,6 @@ def create_app(settings: ProxySettings | None = None) -> FastAPI:
         if connection is not None and settings.worker_enabled:
             worker = Worker(proxy, connection, Topology(settings.broker_namespace), redis)
             await worker.start()
-        proxy.extras["worker"] = worker
         try:
             yield
         finally:
@@ -172,4 +97,4 @@ def create_app(settings: ProxySettings | None = None) -> FastAPI:
     return app
 
 
-__all__ = ["Proxy", "create_app"]
+__all__ = ["create_app"]

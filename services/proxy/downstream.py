@@ -200,12 +200,6 @@ class CreditsClient(InternalClient):
         )
         return data
 
-    async def release(self, reservation_id: str) -> dict[str, Any]:
-        data: dict[str, Any] = await self.json(
-            b"POST", f"/v1/reservations/{_seg(reservation_id)}/release", {}
-        )
-        return data
-
     async def settle_batch(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         """Many commits/releases in one call; see settlements.py."""
         data: dict[str, Any] = await self.json(b"POST", "/v1/reservations/batch", {"items": items})

@@ -38,8 +38,8 @@ from .pricing import Quote
 from .upstream import loads_object
 
 if TYPE_CHECKING:
-    from .app import Proxy
     from .metering import Hold
+    from .runtime import Proxy
 
 log = logging.getLogger("proxy.worker")
 QUEUE = "ai.requests"

@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from services.billing.config import DEV_WEBHOOK_SECRET, BillingSettings
-from services.billing.purchases import Purchase
+from services.billing.models import Purchase
 from services.billing.testmode import checkout_session_object, event_envelope
 from tests.billing.conftest import Captured, FakeStripeServer, sql
 from tests.billing.helpers import start_checkout

@@ -59,7 +59,7 @@ def test_commands_pick_the_process(compose: dict[str, Any]) -> None:
     services = _services(compose)
     for name in APP_SERVICES:
         assert services[name]["command"] == ["python", "-m", f"services.{name}"]
-    assert services["upstream"]["command"] == ["python", "-m", "services.proxy.standin"]
+    assert services["upstream"]["command"] == ["python", "-m", "services.standin"]
 
 
 def test_every_service_has_a_healthcheck(compose: dict[str, Any]) -> None:

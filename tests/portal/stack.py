@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from services.proxy.standin import StandinServer, run_in_thread
+from services.standin import StandinServer, run_in_thread
 from tests.support.billing_service import RunningBilling, running_billing
 from tests.support.broker import delete_namespace
 from tests.support.credits_service import CreditsService, running_credits

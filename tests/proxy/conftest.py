@@ -15,7 +15,7 @@ from openai import AsyncOpenAI
 
 from services.credits.app import create_app as create_credits_app
 from services.credits.config import CreditsSettings
-from services.proxy.standin import StandinServer, run_in_thread
+from services.standin import StandinServer, run_in_thread
 from shared.broker import Topology
 from tests.support.billing_service import running_billing
 from tests.support.broker import delete_namespace

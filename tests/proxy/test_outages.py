@@ -24,7 +24,7 @@ import httpx
 import pytest
 from sqlalchemy.engine import make_url
 
-from services.proxy.standin import StandinServer
+from services.standin import StandinServer
 from tests.conftest import eventually
 from tests.support.servers import free_port, service_process
 

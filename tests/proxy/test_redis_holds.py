@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from services.proxy.standin import StandinServer, run_in_thread
+from services.standin import StandinServer, run_in_thread
 from tests.proxy.conftest import Credits, another_proxy, sdk_for
 from tests.support.servers import serve_app
 

@@ -22,7 +22,7 @@ from starlette.routing import Route
 
 from services.credits.app import create_app as create_credits_app
 from services.credits.config import CreditsSettings
-from services.proxy.standin import StandinServer
+from services.standin import StandinServer
 from tests.conftest import eventually
 from tests.support.servers import serve_app, service_process
 

@@ -6,7 +6,7 @@ import httpx
 import pytest
 from openai import AsyncOpenAI
 
-from services.proxy.standin import StandinServer, run_in_thread
+from services.standin import StandinServer, run_in_thread
 
 
 @pytest.fixture(scope="session")

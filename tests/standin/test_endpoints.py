@@ -12,7 +12,7 @@ import openai
 import pytest
 from openai import AsyncOpenAI
 
-from services.proxy.standin import StandinConfig, StandinServer, count_tokens, run_in_thread
+from services.standin import StandinConfig, StandinServer, count_tokens, run_in_thread
 from tests.openai_schema import validate, validate_sse_event
 
 USER = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a credit pack?"}]

@@ -10,8 +10,8 @@ import openai
 import pytest
 from openai import AsyncOpenAI
 
-from services.proxy.standin import StandinConfig, StandinServer, run_in_thread
-from services.proxy.standin.knobs import KnobError, parse_model
+from services.standin import StandinConfig, StandinServer, run_in_thread
+from services.standin.knobs import KnobError, parse_model
 from tests.openai_schema import validate, validate_sse_event
 
 USER = [{"role": "user", "content": "one two three four five six"}]

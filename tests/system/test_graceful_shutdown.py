@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from services.proxy.standin import StandinServer, run_in_thread
+from services.standin import StandinServer, run_in_thread
 from tests.support.credits_service import CreditsService, running_credits
 from tests.support.servers import free_port, service_process
 

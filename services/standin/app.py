@@ -6,7 +6,7 @@ request, orjson writes the bodies, and nothing is computed that the response doe
 Endpoints: ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/chat/completions`` (also
 ``stream: true``), ``POST /v1/embeddings``, ``POST /v1/images/generations``; and for tests
 ``GET /_standin/stats``, ``POST /_standin/reset``, ``GET /_standin/images/{name}.png``,
-``GET /healthz``. Failure and latency knobs: see :mod:`services.proxy.standin.knobs`.
+``GET /healthz``. Failure and latency knobs: see :mod:`services.standin.knobs`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """A local OpenAI-compatible upstream: ``make run`` uses it when ``OPENAI_API_KEY`` is unset, and the
 test suite runs it as the real upstream server.
 
-``python -m services.proxy.standin`` serves it on ``STANDIN_HOST``/``HOST`` and
+``python -m services.standin`` serves it on ``STANDIN_HOST``/``HOST`` and
 ``STANDIN_PORT``/``PORT`` (default 127.0.0.1:8010). Tests run it in-process::
 
     with run_in_thread() as standin:          # ephemeral port, own event loop thread
@@ -14,10 +14,10 @@ Configuration (``StandinConfig``, or ``STANDIN_*`` env vars at start): ``STANDIN
 ``STANDIN_DROP_AFTER``, ``STANDIN_EMBEDDING_DIMENSIONS``, ``STANDIN_REPLY_WORDS``.
 
 Per request, headers or the model name select failures and latency; the scheme is described in
-:mod:`services.proxy.standin.knobs` (e.g. model ``standin-fail-500``, ``standin-timeout``,
+:mod:`services.standin.knobs` (e.g. model ``standin-fail-500``, ``standin-timeout``,
 ``standin-drop-after-3``, ``standin-slow-200``; header ``X-Standin-Fail: 429``).
 
-Token counts are words: see :mod:`services.proxy.standin.content`.
+Token counts are words: see :mod:`services.standin.content`.
 """
 
 from .app import StandinApp, create_app
