@@ -14,6 +14,7 @@ import uuid
 import httpx
 from redis.asyncio import Redis
 
+from shared.redis_holds import user_tag
 from tests.credits.helpers import Checker
 
 
@@ -110,10 +111,11 @@ async def test_an_extended_hold_outlives_its_ttl_and_an_ended_one_is_not_revived
     assert [x["status"] for x in r.json()["results"]] == [200, 409, 409]
     redis = Redis.from_url(redis_url)
     try:
-        # The service's key namespace is its own: find the user's deadline set by its hash tag.
+        # The service's key namespace is its own: find the user's deadline set by its hash tag
+        # (see shared.redis_holds.user_key).
         found = [
             key
-            async for key in redis.scan_iter(match=f"*:{{{user_id}}}:deadlines")
+            async for key in redis.scan_iter(match=f"*:{{{user_tag(user_id)}}}:deadlines:{user_id}")
             if await redis.zscore(key, served) is not None
         ]
         assert found, "the hold's deadline is in Redis"
