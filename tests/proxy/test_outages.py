@@ -168,6 +168,18 @@ class Load:
             await asyncio.gather(*tasks)
 
 
+async def first_settled(credits_url: str, user: str) -> None:
+    """Waits until the user's first request is charged at credits: its hold recorded, then committed
+    (two batches, each lingering), so no send of it is still under way when credits goes away."""
+    async with httpx.AsyncClient(base_url=credits_url, headers=INTERNAL, timeout=30) as c:
+
+        async def charged() -> bool:
+            account = (await c.get(f"/v1/users/{user}/credits")).json()
+            return bool(account["credits_lifetime_used"] == 1 and account["credits_reserved"] == 0)
+
+        await eventually(charged, timeout=15)
+
+
 async def assert_ledger(credits_url: str, database_url: str, user: str, granted: int, served: int) -> None:
     """What the upstream served was charged exactly once, within the balance, and nothing stays held."""
     async with httpx.AsyncClient(base_url=credits_url, headers=INTERNAL, timeout=30) as c:
@@ -274,7 +286,7 @@ async def test_proxy_stopped_while_credits_is_down_keeps_what_it_served(  # type
         headers = {**INTERNAL, "x-user-id": user}
         async with httpx.AsyncClient(base_url=proxy_url, headers=headers, timeout=30) as gateway:
             assert (await gateway.post("/v1/chat/completions", json=body)).status_code == 200
-            await asyncio.sleep(1.0)  # that one settled: the account is loaded in Redis
+            await first_settled(deploy.credits_urls[0], user)  # the account is loaded in Redis
             await deploy.signal_credits(0, signal.SIGKILL if outage == "killed" else signal.SIGSTOP)
             answers = await asyncio.gather(
                 *(gateway.post("/v1/chat/completions", json=body) for _ in range(20)), return_exceptions=True
