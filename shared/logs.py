@@ -87,6 +87,12 @@ def configure_logging(service: str, level: str = "INFO", json_format: bool = Tru
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # uvicorn's own lines reach this handler whatever ran in the process before: uvicorn.Config
+    # with a log_level (as an in-process server sets up) pins its loggers' levels.
+    for name in ("uvicorn", "uvicorn.error"):
+        uvicorn_logger = logging.getLogger(name)
+        uvicorn_logger.setLevel(logging.NOTSET)
+        uvicorn_logger.propagate = True
     # Per-request access lines come from our middleware with the request id; uvicorn's are noise.
     logging.getLogger("uvicorn.access").disabled = True
     logging.getLogger("aiormq").setLevel("WARNING")

@@ -351,9 +351,13 @@ async def test_a_reader_that_stalls_past_the_ttl_is_cut_off_and_charged(  # type
     user = await credits.user(5)
     disconnected = standin.app.stats.streams["disconnected"]
     long_word = "x" * 8000
+    # 5000 words of 8 kB, one per millisecond at best: the stand-in is still sending when the reader
+    # is cut off (about 1.5 s in), however much the sockets in between buffer. A loopback receive
+    # buffer grows up to net.ipv4.tcp_rmem's maximum (6 to 32 MB), so a 12 MB reply could
+    # already sit whole in buffers at the cut-off, finished as far as the stand-in is concerned.
     body = orjson.dumps(
         {
-            "model": "standin-trickle-1-words-1500",
+            "model": "standin-trickle-1-words-5000",
             "stream": True,
             "messages": [{"role": "user", "content": f"{long_word} {long_word}"}],
         }
@@ -376,7 +380,7 @@ async def test_a_reader_that_stalls_past_the_ttl_is_cut_off_and_charged(  # type
     while chunk := await asyncio.wait_for(loop.sock_recv(sock, 65536), timeout=10):
         received += chunk
     sock.close()
-    assert b"data: [DONE]" not in received  # cut off long before the 12 MB reply was relayed
+    assert b"data: [DONE]" not in received  # cut off long before the 40 MB reply was relayed
     await eventually(lambda: standin.app.stats.streams["disconnected"] > disconnected, timeout=5)
     await credits.settled(user, 4, usage_total=1)
 

@@ -71,12 +71,9 @@ def test_uvicorn_lines_carry_the_services_name(capsys: pytest.CaptureFixture[str
     saved = root.handlers[:], root.level
     try:
         configure_logging("credits", "INFO", json_format=False)
-        # Straight to the handler the services log through (uvicorn runs with log_config=None there, so its
-        # loggers propagate to it; servers started in-process by other tests may have re-wired them here).
-        record = logging.getLogger("uvicorn.error").makeRecord(
-            "uvicorn.error", logging.INFO, __file__, 0, "Application startup complete.", (), None
-        )
-        logging.getLogger().handlers[0].handle(record)
+        # Through uvicorn's own logger, as uvicorn logs it: whatever an earlier in-process server
+        # (the test stand-in's uvicorn.Config sets log levels) did to that logger must not hide it.
+        logging.getLogger("uvicorn.error").info("Application startup complete.")
     finally:
         root.handlers[:], level = saved
         root.setLevel(level)
