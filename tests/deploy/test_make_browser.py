@@ -33,7 +33,7 @@ def test_says_why_it_skips_and_carries_on(repo_root: Path, args: list[str], reas
     done = make_browser(repo_root, "CHROMIUM=/nonexistent/chromium", *args)
     assert done.returncode == 0, done.stderr
     assert reason in done.stdout
-    assert "the portal's browser tests and the docker-compose check will be skipped" in done.stdout
+    assert "the tests that need them (browser, docker-compose, PgBouncer) will be skipped" in done.stdout
 
 
 def test_says_nothing_when_everything_is_there(repo_root: Path, tmp_path: Path) -> None:
