@@ -1,7 +1,8 @@
 """Analytics facts kept ahead of the request, so no request passes over every account or purchase.
 
-- `account_tiers`: users per current tier, kept by a trigger in the transaction that inserts an
-  account or changes its tier (`UPDATE OF tier`: the balance updates of the hot path do not fire it).
+- `account_tiers`: users per current tier, kept by triggers in the transaction that inserts or
+  deletes accounts (per statement) or changes a tier (per row, `UPDATE OF tier`: the balance updates
+  of the hot path do not fire it).
 - Whole UTC days rolled up by `credits_roll_up_ledger()` next to `ledger_daily` (same state row,
   same "ended more than an hour ago" rule): `signups_daily` (accounts created), `purchases_daily`
   (per pack: sold, cents, refunded cents), `buyers_daily` (distinct payers, users whose first and
@@ -126,29 +127,54 @@ def _roll_up_function(*, facts: bool) -> str:
 
 def upgrade() -> None:
     op.execute("CREATE TABLE account_tiers (tier text PRIMARY KEY, users bigint NOT NULL)")
+    # Inserts and deletes per statement (one upsert per tier, however many rows: a bulk insert
+    # would otherwise update the same counter row once per account in one transaction).
     op.execute(
         """
-        CREATE FUNCTION credits_count_tiers() RETURNS trigger LANGUAGE plpgsql AS $$
+        CREATE FUNCTION credits_count_new_accounts() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
-            IF TG_OP IN ('UPDATE', 'DELETE') THEN
-                UPDATE account_tiers SET users = users - 1 WHERE tier = OLD.tier;
-            END IF;
-            IF TG_OP IN ('UPDATE', 'INSERT') THEN
-                INSERT INTO account_tiers (tier, users) VALUES (NEW.tier, 1)
-                ON CONFLICT (tier) DO UPDATE SET users = account_tiers.users + 1;
-            END IF;
+            INSERT INTO account_tiers (tier, users)
+            SELECT tier, count(*) FROM new_accounts GROUP BY tier
+            ON CONFLICT (tier) DO UPDATE SET users = account_tiers.users + excluded.users;
             RETURN NULL;
         END $$
         """
     )
-    # Row triggers: the statement-level lock on account_tiers is taken only when a tier moves.
     op.execute(
-        "CREATE TRIGGER accounts_count_tiers AFTER INSERT OR DELETE ON accounts "
-        "FOR EACH ROW EXECUTE FUNCTION credits_count_tiers()"
+        """
+        CREATE FUNCTION credits_count_gone_accounts() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            UPDATE account_tiers t SET users = t.users - g.users
+            FROM (SELECT tier, count(*) AS users FROM gone_accounts GROUP BY tier) g WHERE g.tier = t.tier;
+            RETURN NULL;
+        END $$
+        """
     )
     op.execute(
-        "CREATE TRIGGER accounts_count_tier_changes AFTER UPDATE OF tier ON accounts "
-        "FOR EACH ROW WHEN (OLD.tier IS DISTINCT FROM NEW.tier) EXECUTE FUNCTION credits_count_tiers()"
+        "CREATE TRIGGER accounts_count_new AFTER INSERT ON accounts REFERENCING NEW TABLE AS new_accounts "
+        "FOR EACH STATEMENT EXECUTE FUNCTION credits_count_new_accounts()"
+    )
+    op.execute(
+        "CREATE TRIGGER accounts_count_gone AFTER DELETE ON accounts REFERENCING OLD TABLE AS gone_accounts "
+        "FOR EACH STATEMENT EXECUTE FUNCTION credits_count_gone_accounts()"
+    )
+    # A tier change per row, only when `tier` is named in the UPDATE and changes (a purchase moves
+    # a tier at most once; the balance updates of the hot path do not name it, so do not fire it).
+    # A statement-level trigger needs transition tables, which fire for every UPDATE of accounts.
+    op.execute(
+        """
+        CREATE FUNCTION credits_count_tier_change() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            UPDATE account_tiers SET users = users - 1 WHERE tier = OLD.tier;
+            INSERT INTO account_tiers (tier, users) VALUES (NEW.tier, 1)
+            ON CONFLICT (tier) DO UPDATE SET users = account_tiers.users + 1;
+            RETURN NULL;
+        END $$
+        """
+    )
+    op.execute(
+        "CREATE TRIGGER accounts_count_tier_change AFTER UPDATE OF tier ON accounts "
+        "FOR EACH ROW WHEN (OLD.tier IS DISTINCT FROM NEW.tier) EXECUTE FUNCTION credits_count_tier_change()"
     )
     op.execute("LOCK TABLE accounts IN SHARE MODE")
     op.execute("INSERT INTO account_tiers SELECT tier, count(*) FROM accounts GROUP BY tier")
@@ -186,8 +212,14 @@ def downgrade() -> None:
     op.execute(_roll_up_function(facts=False))
     op.execute("DELETE FROM ledger_daily")
     op.execute("UPDATE ledger_daily_state SET rolled_through = NULL")
-    op.execute("DROP TRIGGER IF EXISTS accounts_count_tier_changes ON accounts")
-    op.execute("DROP TRIGGER IF EXISTS accounts_count_tiers ON accounts")
-    op.execute("DROP FUNCTION IF EXISTS credits_count_tiers()")
+    op.execute("DROP TRIGGER IF EXISTS accounts_count_tier_change ON accounts")
+    op.execute("DROP TRIGGER IF EXISTS accounts_count_gone ON accounts")
+    op.execute("DROP TRIGGER IF EXISTS accounts_count_new ON accounts")
+    for function in (
+        "credits_count_tier_change",
+        "credits_count_gone_accounts",
+        "credits_count_new_accounts",
+    ):
+        op.execute(f"DROP FUNCTION IF EXISTS {function}()")
     for table in (*DAILY_TABLES, "account_tiers"):
         op.execute(f"DROP TABLE IF EXISTS {table}")
