@@ -15,7 +15,7 @@ from datetime import date
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
-from services.credits.store import LedgerGroup
+from services.credits.store import AccountFacts, LedgerGroup
 
 CREDITS_IN = ("signup_bonus", "purchase", "admin_add", "migration")
 UNKNOWN = "unknown"  # usage entries without details (or without a model)
@@ -35,7 +35,7 @@ class Sources:
     packs: Sequence[Any]  # store.pack_sales rows
     money: Sequence[Any]  # store.money_days rows
     buyers: Any  # store.buyers row
-    accounts: Sequence[Any]  # store.account_groups rows
+    accounts: AccountFacts
     cohort: Any = None  # store.cohort_funnel row; None for a range open at the start (every account)
 
 
@@ -123,16 +123,11 @@ def report(src: Sources) -> dict[str, Any]:
         row["packs_sold"] = int(m.packs_sold)
         row["paying_users"] = int(m.paying_users)
 
-    tiers: dict[str, int] = {"free": 0}
-    total_users = remaining = 0
-    for a in src.accounts:
-        if a.by_day:
-            if a.day is not None:
-                day(a.day)["new_users"] = int(a.users)
-            continue
-        tiers[a.tier] = int(a.users)
-        total_users += int(a.users)
-        remaining += int(a.remaining)
+    tiers: dict[str, int] = {"free": 0} | src.accounts.tiers
+    total_users = sum(tiers.values())
+    remaining = src.accounts.remaining
+    for d, users in src.accounts.signups:
+        day(d)["new_users"] = users
     # Signed up in the range → bought by its end → bought again.
     if src.cohort is not None:
         c = src.cohort

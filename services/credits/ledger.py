@@ -1077,7 +1077,7 @@ class Ledger:
                 packs=await store.pack_sales(conn, first, last),
                 money=await store.money_days(conn, first, last),
                 buyers=await store.buyers(conn, first, last),
-                accounts=await store.account_groups(conn, first, last),
+                accounts=await store.account_facts(conn, first, last),
                 cohort=await store.cohort_funnel(conn, first, last) if first else None,
             )
         data = analytics.report(sources)

@@ -642,107 +642,213 @@ async def ledger_groups(conn: AsyncConnection, first: date | None, last: date | 
     return groups
 
 
+@dataclass(frozen=True)
+class _Split:
+    """A range cut where the daily rollups end: whole days up to `rolled` come from the *_daily
+    tables, the rest (`lo`..`hi`) from the base tables."""
+
+    first: date | None
+    last: date | None
+    rolled: date | None
+    lo: datetime | None  # start of what the base tables supply
+    hi: datetime | None  # end of the range (exclusive)
+
+    def daily(self, column: str) -> str:
+        """SQL conditions on a rollup's day column (bound as :rolled/:first/:last)."""
+        parts = [f"{column} <= :rolled" if self.rolled is not None else "false"]
+        if self.first is not None:
+            parts.append(f"{column} >= :first")
+        if self.last is not None:
+            parts.append(f"{column} <= :last")
+        return " AND ".join(parts)
+
+    def live(self, column: str) -> str:
+        return _bounds(column, self.lo, self.hi)
+
+    def params(self) -> dict[str, Any]:
+        return {"rolled": self.rolled, "first": self.first, "last": self.last, "lo": self.lo, "hi": self.hi}
+
+
+async def _split(conn: AsyncConnection, first: date | None, last: date | None) -> _Split:
+    rolled: date | None = (
+        await conn.execute(text("SELECT rolled_through FROM ledger_daily_state"))
+    ).scalar_one()
+    return _cut(rolled, first, last)
+
+
+def _cut(rolled: date | None, first: date | None, last: date | None) -> _Split:
+    lo = _day_start(first) if first else None
+    if rolled is not None:
+        rolled_end = _day_start(rolled + timedelta(days=1))
+        lo = max(lo, rolled_end) if lo else rolled_end
+    hi = _day_start(last + timedelta(days=1)) if last else None
+    return _Split(first, last, rolled, lo, hi)
+
+
 async def pack_sales(conn: AsyncConnection, first: date | None, last: date | None) -> list[Any]:
     """Per pack over the range: packs sold, their cents and credits, the latest price and credits of
     the pack, and the cents refunded in the range (of purchases of any date)."""
-    lo = _day_start(first) if first else None
-    hi = _day_start(last + timedelta(days=1)) if last else None
+    cut = await _split(conn, first, last)
     query = f"""
-        WITH sold AS (
-            SELECT pack, count(*) AS sold, sum(amount_cents) AS cents
-            FROM purchases WHERE {_bounds("applied_at", lo, hi)} GROUP BY pack
-        ), refunded AS (
-            SELECT p.pack, sum(r.cents) AS cents
-            FROM purchase_refunds r JOIN purchases p ON p.purchase_id = r.purchase_id
-            WHERE {_bounds("r.refunded_at", lo, hi)} GROUP BY p.pack
+        WITH sales AS (
+            SELECT pack, sum(sold) AS sold, sum(cents) AS cents, sum(refunded) AS refunded_cents
+            FROM (
+                SELECT d.pack, d.sold, d.cents, d.refunded_cents AS refunded
+                FROM purchases_daily d WHERE {cut.daily("d.day")}
+                UNION ALL
+                SELECT pack, 1, amount_cents, 0 FROM purchases WHERE {cut.live("applied_at")}
+                UNION ALL
+                SELECT p.pack, 0, 0, r.cents
+                FROM purchase_refunds r JOIN purchases p ON p.purchase_id = r.purchase_id
+                WHERE {cut.live("r.refunded_at")}
+            ) x
+            GROUP BY pack
         )
-        SELECT x.pack, COALESCE(s.sold, 0) AS sold, COALESCE(s.cents, 0) AS cents,
-               COALESCE(f.cents, 0) AS refunded_cents, latest.amount_cents AS price_cents,
+        SELECT s.pack, s.sold, s.cents, s.refunded_cents, latest.amount_cents AS price_cents,
                latest.credits AS pack_credits
-        FROM (SELECT pack FROM sold UNION SELECT pack FROM refunded) x
-        LEFT JOIN sold s ON s.pack = x.pack
-        LEFT JOIN refunded f ON f.pack = x.pack
+        FROM sales s
         -- The pack's price and credits: those of its latest purchase up to the end of the range.
         CROSS JOIN LATERAL (
             SELECT q.amount_cents, q.credits FROM purchases q
-            WHERE q.pack = x.pack {"AND q.applied_at < :hi" if hi is not None else ""}
+            WHERE q.pack = s.pack {"AND q.applied_at < :hi" if cut.hi is not None else ""}
             ORDER BY q.applied_at DESC, q.purchase_id DESC LIMIT 1
         ) latest
         ORDER BY 5, 1
     """
-    return list(await conn.execute(text(query), {"lo": lo, "hi": hi}))
+    return list(await conn.execute(text(query), cut.params()))
 
 
 async def money_days(conn: AsyncConnection, first: date | None, last: date | None) -> list[Any]:
     """Per UTC day: revenue net of refunds, packs sold, paying users (distinct buyers that day)."""
-    lo = _day_start(first) if first else None
-    hi = _day_start(last + timedelta(days=1)) if last else None
+    cut = await _split(conn, first, last)
     query = f"""
-        SELECT day, sum(cents) AS revenue_cents, count(user_id) AS packs_sold,
-               count(DISTINCT user_id) AS paying_users
+        SELECT day, sum(cents) AS revenue_cents, sum(sold) AS packs_sold, sum(payers) AS paying_users
         FROM (
-            SELECT (applied_at AT TIME ZONE 'UTC')::date AS day, amount_cents AS cents, user_id
-            FROM purchases WHERE {_bounds("applied_at", lo, hi)}
+            SELECT d.day, sum(d.cents - d.refunded_cents) AS cents, sum(d.sold) AS sold, 0 AS payers
+            FROM purchases_daily d WHERE {cut.daily("d.day")} GROUP BY d.day
             UNION ALL
-            SELECT (refunded_at AT TIME ZONE 'UTC')::date, -cents, NULL
-            FROM purchase_refunds WHERE {_bounds("refunded_at", lo, hi)}
-        ) m
+            SELECT b.day, 0, 0, b.payers FROM buyers_daily b WHERE {cut.daily("b.day")}
+            UNION ALL
+            SELECT day, sum(cents), count(user_id), count(DISTINCT user_id)
+            FROM (
+                SELECT (applied_at AT TIME ZONE 'UTC')::date AS day, amount_cents AS cents, user_id
+                FROM purchases WHERE {cut.live("applied_at")}
+                UNION ALL
+                SELECT (refunded_at AT TIME ZONE 'UTC')::date, -cents, NULL
+                FROM purchase_refunds WHERE {cut.live("refunded_at")}
+            ) m
+            GROUP BY day
+        ) x
         GROUP BY day
     """
-    return list(await conn.execute(text(query), {"lo": lo, "hi": hi}))
+    return list(await conn.execute(text(query), cut.params()))
 
 
 async def buyers(conn: AsyncConnection, first: date | None, last: date | None) -> Any:
-    """One pass over the purchases up to the end of the range, in each user's order (from the
-    purchases_user_applied index): paying users in the range and of them those with 2+ purchases in
-    it; users who ever bought by the end of the range and of them those who bought twice; the median
-    days between a purchase in the range and the same user's previous purchase."""
-    lo = _day_start(first) if first else None
-    hi = _day_start(last + timedelta(days=1)) if last else None
-    # A range with a start needs only its buyers' purchases (ever_bought and bought_twice, which
-    # count every buyer, are used for a range open at the start only).
-    buyers_in_range = (
-        f"AND user_id IN (SELECT user_id FROM purchases WHERE {_bounds('applied_at', lo, hi)})"
-        if lo is not None
-        else ""
-    )
+    """Users who ever bought by the end of the range and of them those who bought twice (whole days
+    from buyers_daily); paying users in the range and of them those with 2+ purchases in it (the
+    same for a range open at the start, else one pass over the range's purchases); the median days
+    between a purchase in the range and the same user's previous purchase (purchase_gaps)."""
+    cut = await _split(conn, first, last)
+    upto = _cut(cut.rolled, None, last)  # everything up to the end of the range
+    # Each live purchase's rank among its user's purchases and the time since the previous one.
+    earlier = "(q.applied_at, q.purchase_id) < (p.applied_at, p.purchase_id)"
+    if first is None:
+        in_range = "SELECT ever_bought AS paying, bought_twice AS repeat FROM ever"
+    else:
+        in_range = f"""
+            SELECT count(*) AS paying, count(*) FILTER (WHERE n >= 2) AS repeat
+            FROM (SELECT count(*) AS n FROM purchases
+                  WHERE applied_at >= :range_lo {"AND applied_at < :hi" if cut.hi else ""} GROUP BY user_id) u
+        """
     query = f"""
-        WITH p AS (
-            SELECT user_id, {"applied_at >= :lo" if lo is not None else "true"} AS in_range,
-                   extract(epoch FROM applied_at - lag(applied_at) OVER w) / 86400 AS days
-            FROM purchases WHERE {_bounds("applied_at", None, hi)} {buyers_in_range}
-            WINDOW w AS (PARTITION BY user_id ORDER BY applied_at, purchase_id)
-        ), per_user AS (
-            SELECT count(*) FILTER (WHERE in_range) AS n_range, count(*) AS n_total FROM p GROUP BY user_id
+        WITH live AS (
+            SELECT p.applied_at,
+                   (SELECT count(*) FROM (SELECT 1 FROM purchases q WHERE q.user_id = p.user_id AND {earlier}
+                                          LIMIT 2) two) AS earlier,
+                   extract(epoch FROM p.applied_at - (
+                       SELECT q.applied_at FROM purchases q WHERE q.user_id = p.user_id AND {earlier}
+                       ORDER BY q.applied_at DESC, q.purchase_id DESC LIMIT 1)) / 86400 AS days
+            FROM purchases p WHERE {_bounds("p.applied_at", upto.lo, upto.hi)}
+        ), ever AS (
+            SELECT COALESCE(sum(first_buyers), 0) AS ever_bought, COALESCE(sum(second_buyers), 0) AS bought_twice
+            FROM (
+                SELECT b.first_buyers, b.second_buyers FROM buyers_daily b
+                WHERE {upto.daily("b.day")}
+                UNION ALL
+                SELECT count(*) FILTER (WHERE earlier = 0), count(*) FILTER (WHERE earlier = 1) FROM live
+            ) x
         )
-        SELECT u.paying, u.repeat, u.ever_bought, u.bought_twice,
-               (SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY days) FROM p
-                WHERE in_range AND days IS NOT NULL) AS median_days
-        FROM (
-            SELECT count(*) FILTER (WHERE n_range >= 1) AS paying, count(*) FILTER (WHERE n_range >= 2) AS repeat,
-                   count(*) AS ever_bought, count(*) FILTER (WHERE n_total >= 2) AS bought_twice
-            FROM per_user
-        ) u
+        SELECT r.paying, r.repeat, e.ever_bought, e.bought_twice,
+               (SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY days) FROM (
+                    SELECT g.days FROM purchase_gaps g WHERE {cut.daily("g.day")}
+                    UNION ALL
+                    SELECT days FROM live WHERE days IS NOT NULL
+                    {"AND applied_at >= :range_lo" if first is not None else ""}
+                ) gaps) AS median_days
+        FROM ever e CROSS JOIN ({in_range}) r
     """
-    return (await conn.execute(text(query), {"lo": lo, "hi": hi})).one()
+    params = cut.params() | {"lo": upto.lo, "range_lo": _day_start(first) if first else None}
+    return (await conn.execute(text(query), params)).one()
 
 
-async def account_groups(conn: AsyncConnection, first: date | None, last: date | None) -> list[Any]:
-    """One pass over the accounts that exist at the end of the range: per current tier the users and
-    their credits remaining now, and per day of the range the users who signed up."""
-    lo = _day_start(first) if first else None
-    hi = _day_start(last + timedelta(days=1)) if last else None
-    query = f"""
-        SELECT GROUPING(tier) AS by_day, tier, day, count(*) AS users, COALESCE(sum(balance), 0) AS remaining
-        FROM (
-            SELECT a.tier, a.balance,
-                   CASE WHEN {_bounds("a.created_at", lo, None)}
-                        THEN (a.created_at AT TIME ZONE 'UTC')::date END AS day
-            FROM accounts a WHERE {_bounds("a.created_at", None, hi)}
-        ) x
-        GROUP BY GROUPING SETS ((tier), (day))
-    """
-    return list(await conn.execute(text(query), {"lo": lo, "hi": hi}))
+@dataclass(frozen=True)
+class AccountFacts:
+    tiers: dict[str, int]  # users per current tier, of the accounts that exist at the end of the range
+    remaining: int  # their balances now
+    signups: list[tuple[date, int]]  # users who signed up, per day of the range
+
+
+async def account_facts(conn: AsyncConnection, first: date | None, last: date | None) -> AccountFacts:
+    """From account_tiers (kept on write) less the accounts created after the range (by the
+    created_at index: none for a range up to today); balances as the ledger's sum (a balance is
+    the sum of its ledger entries: ledger_daily plus the entries since); sign-ups per day from
+    signups_daily plus the accounts created since."""
+    cut = await _split(conn, first, last)
+    later = "accounts WHERE created_at >= :hi" if cut.hi is not None else "accounts WHERE false"
+    tiers = await conn.execute(
+        text(
+            f"""
+            SELECT t.tier, t.users - COALESCE(l.users, 0) AS users
+            FROM account_tiers t
+            LEFT JOIN (SELECT tier, count(*) AS users FROM {later} GROUP BY tier) l ON l.tier = t.tier
+            """
+        ),
+        cut.params(),
+    )
+    # The ledger up to now, whatever the range: whole days rolled up, the rest read.
+    since = _bounds("created_at", _day_start(cut.rolled + timedelta(days=1)) if cut.rolled else None, None)
+    remaining = (
+        await conn.execute(
+            text(
+                f"""
+                SELECT COALESCE((SELECT sum(credits) FROM ledger_daily WHERE day <= :rolled), 0)
+                     + COALESCE((SELECT sum(amount) FROM ledger_entries WHERE {since}), 0)
+                     - COALESCE((SELECT sum(balance) FROM {later}), 0)
+                """
+            ),
+            cut.params() | {"lo": _day_start(cut.rolled + timedelta(days=1)) if cut.rolled else None},
+        )
+    ).scalar_one()
+    signups = await conn.execute(
+        text(
+            f"""
+            SELECT day, sum(users) AS users FROM (
+                SELECT s.day, s.users FROM signups_daily s WHERE {cut.daily("s.day")}
+                UNION ALL
+                SELECT (created_at AT TIME ZONE 'UTC')::date, count(*) FROM accounts
+                WHERE {cut.live("created_at")} GROUP BY 1
+            ) x
+            GROUP BY day
+            """
+        ),
+        cut.params(),
+    )
+    return AccountFacts(
+        tiers={r.tier: int(r.users) for r in tiers if r.users > 0},
+        remaining=int(remaining),
+        signups=[(r.day, int(r.users)) for r in signups],
+    )
 
 
 async def cohort_funnel(conn: AsyncConnection, first: date, last: date | None) -> Any:
