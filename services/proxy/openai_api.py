@@ -98,7 +98,11 @@ async def _metered(request: Request, operation: str) -> Response:
         )
     except AppError as exc:
         return _error(exc, 0, await proxy.meter.balance(caller.user_id), threshold)
-    forward = hold.quote.forward()
+    try:
+        forward = hold.quote.forward()
+    except TypeError:  # orjson.JSONEncodeError: a body nested deeper than orjson writes (254 levels)
+        refused = InvalidRequest("The request body is nested too deeply.")
+        return _error(refused, 0, await proxy.meter.release_now(hold), threshold)
     if hold.quote.stream:
         return await _stream(proxy, hold, forward)
     # Once forwarded, the request is charged even if its client leaves (docs/api.md, Proxy); the upstream

@@ -190,7 +190,11 @@ class Worker:
             raise  # requeued: credits is down; a hold placed meanwhile is found again by its key
         except AppError as exc:
             return failed(exc.code, exc.message)
-        raw = hold.quote.forward()
+        try:
+            raw = hold.quote.forward()
+        except TypeError:  # orjson.JSONEncodeError: nested deeper than orjson writes (254 levels)
+            await proxy.meter.release_now(hold)
+            return failed("invalid_request", "The request body is nested too deeply.")
         attempts = max(1, self.settings.worker_max_attempts)
         last: AppError | None = None
         for attempt in range(attempts):

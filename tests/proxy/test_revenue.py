@@ -5,6 +5,7 @@ balance, the ledger and what the upstream saw."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
@@ -436,3 +437,25 @@ async def test_each_commit_carries_the_usage_details_of_its_ledger_entry(  # typ
     }
     # No upstream_usd in its pricing entry: no cost.
     assert details[("chat.completions", "gpt-4o")]["upstream_cost_usd"] is None
+
+
+async def test_a_body_nested_too_deeply_to_forward_is_refused_and_its_hold_given_back(  # type: ignore[no-untyped-def]
+    revenue, credits: Credits, standin
+) -> None:
+    # The default entry caps the output, so the proxy re-serialises the body it forwards; orjson reads
+    # 1024 levels of nesting but writes only 254.
+    user = await credits.user(5)
+    marker = "marker-too-deep"
+    nested = "[" * 300 + "]" * 300
+    message = json.dumps({"role": "user", "content": marker})
+    raw = '{"model": "unpriced-model", "messages": [' + message + '], "metadata_x": ' + nested + "}"
+    async with httpx.AsyncClient(base_url=revenue.url, timeout=30) as http:
+        r = await http.post(
+            "/v1/chat/completions",
+            content=raw,
+            headers={**as_user(user), "content-type": "application/json"},
+        )
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "invalid_request"
+    assert seen_by_upstream(standin, marker) == []
+    await credits.settled(user, 5, usage_total=0)  # nothing charged, nothing left held
