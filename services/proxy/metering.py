@@ -191,17 +191,26 @@ class Meter:
 
     async def _extend(self, hold: Hold) -> None:
         rid = hold.reservation.reservation_id
-        if hold.recorded is not None and not await self._was_recorded(hold, "extend"):
-            return
+        if hold.recorded is not None:
+            try:
+                if not await self._was_recorded(hold, "extend"):
+                    return
+            except SettlementParked:
+                # The record waits in credits' Redis until credits applies it; until then credits
+                # refuses the extension, so it is tried again on the next pass (below).
+                pass
         deadline_ms = int(time.time() * 1000 + self.hold_ttl_seconds * 1000)
         try:
             await self.settlements.extend(rid, deadline_ms)
             HOLDS_EXTENDED.inc()
+            return
         except AppError as exc:
             if not hold.settled:
-                log.error("extending hold %s refused: %s %s", rid, exc.status_code, exc.message)
+                log.warning("extending hold %s refused: %s %s", rid, exc.status_code, exc.message)
         except Exception:
             log.exception("extending hold %s failed", rid)
+        # Not extended: try again on the renewer's next pass, well before the deadline.
+        hold.renew_at = time.monotonic()
 
     async def _after_settlements(self, user_id: str, amount: int) -> PlacedHold | None:
         """Places the hold again once the user's earlier settlements have reached credits.

@@ -142,3 +142,31 @@ async def test_redis_that_never_answers_falls_back_and_charges_once(  # type: ig
         for writer in connections:
             writer.close()
     await credits.settled(user, 1, usage_total=2)
+
+
+async def test_a_hold_whose_record_was_parked_still_lives_while_its_stream_is_served(  # type: ignore[no-untyped-def]
+    credits: Credits, credits_url, own_standin, redis_url
+) -> None:
+    """Credits missed the record of a hold placed in Redis (parked there for credits to apply), and the
+    request streams on for longer than the hold's lifetime: the proxy keeps moving the deadline on once
+    credits has the record, so the hold does not lapse (its credits spendable again) mid-stream."""
+    user = await credits.user(5)
+    outage = {"batches": 1}
+    async with (
+        serve_app(_flaky_front(credits_url, outage)) as front,
+        another_proxy(front, own_standin.base_url, redis_url=redis_url, reservation_ttl_seconds=2) as gateway,
+    ):
+        stream = await sdk_for(gateway, user, timeout=60).chat.completions.create(
+            model="standin-trickle-100-words-60", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        words = 0
+        reserved_late_in_the_stream = None
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                words += 1
+                if words == 50:  # about 5 s in: more than twice the TTL past the hold's placement
+                    reserved_late_in_the_stream = (await credits.account(user))["credits_reserved"]
+        assert words == 60
+        assert outage["batches"] == 0  # the record's batch was refused, so it was parked
+        assert reserved_late_in_the_stream == 1
+        await credits.settled(user, 4, usage_total=1)
