@@ -769,14 +769,16 @@ class Ledger:
                     settle_details,
                     settle_overages,
                 )
-                for (name, rid, action, charge), result in zip(settles, outcomes, strict=True):
+                for (name, rid, action, charge), overage, result in zip(
+                    settles, settle_overages, outcomes, strict=True
+                ):
                     if isinstance(result, ServiceUnavailable):
                         complete = False
                         continue
                     if isinstance(result, Conflict) and action == "commit" and charge is not None:
                         # Expired before its settlement got here (another credits process swept it
                         # meanwhile): the request was served, so it is charged all the same.
-                        result = await self.charge_late(rid, charge)
+                        result = await self.charge_late(rid, charge, overage)
                     if isinstance(result, AppError):
                         log.error("pending %s of %s refused: %s", action, rid, result.message)
                     else:
@@ -787,10 +789,11 @@ class Ledger:
         finally:
             self._draining.discard(user_id)
 
-    async def charge_late(self, rid: str, amount: int) -> SettleResult | AppError:
-        """Charges a served request whose hold expired before its commit arrived: what the user's
-        available credits cover comes off the balance, the rest is recorded as owed (paid first out
-        of the next purchase). The commit's ledger reference keeps it to once."""
+    async def charge_late(self, rid: str, amount: int, overage: int = 0) -> SettleResult | AppError:
+        """Charges a served request whose hold expired before its commit arrived: `amount` (at most
+        the hold) plus the `overage` its usage cost beyond the hold. What the user's available credits
+        cover comes off the balance, the rest is recorded as owed (paid first out of the next
+        purchase). The commit's ledger reference keeps it to once."""
         now = self.clock()
         async with self.engine.begin() as conn:
             found = await store.get_reservation(conn, rid, for_update=True)
@@ -798,7 +801,8 @@ class Ledger:
                 return Conflict(f"Reservation {rid} can no longer be committed.")
             account = await store.get_account(conn, found.user_id, lock="update")
             available = int(account.balance) - await store.open_holds_total(conn, found.user_id)
-            take = min(amount, max(available, 0))
+            total = amount + max(overage, 0)
+            take = min(total, max(available, 0))
             balance, version, _ = await store.change_balance(
                 conn,
                 found.user_id,
@@ -806,12 +810,12 @@ class Ledger:
                 "usage",
                 f"reservation:{rid}:commit",
                 threshold=self.threshold,
-                used=amount,
+                used=total,
             )
-            if amount > take:
-                await store.add_owed(conn, found.user_id, amount - take)
+            if total > take:
+                await store.add_owed(conn, found.user_id, total - take)
             await store.end_reservation(conn, rid, "committed", now, charged=amount)
-        log.warning("reservation %s charged %d after it expired (%d owed)", rid, amount, amount - take)
+        log.warning("reservation %s charged %d after it expired (%d owed)", rid, total, total - take)
         await self._sync([_Sync(found.user_id, balance, version)])
         return SettleResult(rid, amount, found.amount - amount, 0)
 

@@ -84,9 +84,11 @@ async def _not_listed(raw: aioredis.Redis, namespace: str, user_id: str) -> bool
     return await raw.zscore(pending_index_key(namespace, pending_shard(user_id)), user_id) is None
 
 
+@pytest.mark.parametrize("overage", [0, 3])
 async def test_a_commit_parked_after_its_hold_expired_is_charged_and_owed_beyond_the_balance(
-    client: httpx.AsyncClient, user_id: str, short_holds: RedisHolds
+    client: httpx.AsyncClient, user_id: str, short_holds: RedisHolds, overage: int
 ) -> None:
+    """`overage`: what the request's reported usage cost beyond its hold, charged (owed) with it."""
     assert (await client.post("/v1/users", json={"user_id": user_id})).status_code == 201
     await _account(client, user_id)
     placed = await short_holds.place(user_id, 4)
@@ -104,17 +106,18 @@ async def test_a_commit_parked_after_its_hold_expired_is_charged_and_owed_beyond
     assert r.status_code == 201, r.text
     assert (await client.post(f"/v1/reservations/{r.json()['reservation_id']}/commit")).status_code == 200
     # The served request's commit arrives late, parked by its proxy.
-    await short_holds.park(user_id, [(rid, {"reservation_id": rid, "action": "commit", "amount": 4})])
+    item = {"reservation_id": rid, "action": "commit", "amount": 4, "overage": overage}
+    await short_holds.park(user_id, [(rid, item)])
 
     async def charged() -> dict[str, Any] | None:
         account = await _account(client, user_id)
-        return account if account["credits_lifetime_used"] == 14 else None
+        return account if account["credits_lifetime_used"] == 14 + overage else None
 
     account = await eventually(charged, timeout=15)
     assert isinstance(account, dict)
-    assert account["credits_owed"] == 4 and account["credits_remaining"] == 0
+    assert account["credits_owed"] == 4 + overage and account["credits_remaining"] == 0
     assert (await client.get(f"/v1/reservations/{rid}")).json()["status"] == "committed"
-    await short_holds.park(user_id, [(rid, {"reservation_id": rid, "action": "commit", "amount": 4})])
+    await short_holds.park(user_id, [(rid, item)])
     await asyncio.sleep(1.0)  # parked again: nothing more
     account = await _account(client, user_id)
-    assert account["credits_lifetime_used"] == 14 and account["credits_owed"] == 4
+    assert account["credits_lifetime_used"] == 14 + overage and account["credits_owed"] == 4 + overage
