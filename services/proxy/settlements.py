@@ -287,13 +287,24 @@ class SettlementBatcher:
         # Items that failed together come back together, on one timer: a timer each let a busy
         # event loop run the batcher between them and split the retry into several calls.
         by_delay: dict[float, list[_Item]] = {}
+        given_up: list[_Item] = []
         for item in items:
             item.attempts += 1
             if item.attempts >= self.max_attempts or self._closing:
-                _fail(item, ServiceUnavailable("The credits service is unavailable."))
+                given_up.append(item)
                 continue
             delay = min(self.retry_base * 2 ** (item.attempts - 1), self.max_delay)
             by_delay.setdefault(delay, []).append(item)
+        # What is given up on here (out of attempts, or the proxy stopping) is left in credits' Redis
+        # when it can be: a served request's settlement must outlive this process.
+        parkable = [item for item in given_up if item.user_id] if self.parker is not None else []
+        for item in given_up:
+            if not item.user_id or self.parker is None:
+                _fail(item, ServiceUnavailable("The credits service is unavailable."))
+        if parkable:
+            task = loop.create_task(self._park(parkable, retry=False))
+            self._parking.add(task)
+            task.add_done_callback(self._parking.discard)
         for delay, group in by_delay.items():
             key = id(group)
             self._retrying[key] = (loop.call_later(delay, self._requeue, key, group), group)

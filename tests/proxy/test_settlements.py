@@ -10,13 +10,15 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import orjson
+import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from services.proxy.downstream import CreditsClient, DownstreamError
-from services.proxy.settlements import SettlementBatcher
+from services.proxy.settlements import SettlementBatcher, SettlementParked
 from tests.proxy.conftest import Credits
 from tests.support.servers import serve_app
 
@@ -235,3 +237,33 @@ async def test_a_failed_batch_is_retried_as_one_while_the_event_loop_is_busy(
     assert [r.get("charged") for r in results] == [1, 1, None]
     await credits.settled(user_id, 3, usage_total=2)
     assert sorted(await credits.usage(user_id)) == [1, 1]
+
+
+async def test_an_item_credits_keeps_failing_is_parked_when_the_proxy_gives_up(
+    credits: Credits, credits_url: str
+) -> None:
+    """Credits answers the batch but fails one item with a 5xx (a writer hiccup), until the proxy stops:
+    the served request's commit goes to the parker (credits' Redis), not nowhere."""
+    user_id = await credits.user(5)
+    (rid,) = await _holds(credits, user_id, 1)
+    calls: list[int] = []
+
+    async def batch(request: Request) -> Response:
+        items = (await request.json())["items"]
+        calls.append(len(items))
+        failed = {"status": 503, "body": {"error": {"type": "api_error", "code": "service_unavailable"}}}
+        return Response(orjson.dumps({"results": [failed for _ in items]}), media_type="application/json")
+
+    parked: list[tuple[str, list[tuple[str, Any]]]] = []
+
+    async def parker(user: str, entries: list[tuple[str, Any]]) -> None:
+        parked.append((user, entries))
+
+    front = Starlette(routes=[Route("/v1/reservations/batch", batch, methods=["POST"])])
+    async with serve_app(front) as url:
+        async with batcher_at(url, max_attempts=3, retry_base_seconds=0.02, parker=parker) as batcher:
+            future = batcher.submit(rid, 1, user_id=user_id)
+            with pytest.raises(SettlementParked):
+                await asyncio.wait_for(future, timeout=10)
+    assert len(calls) == 3
+    assert parked == [(user_id, [(rid, {"reservation_id": rid, "action": "commit", "amount": 1})])]
