@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import yaml
@@ -400,14 +400,23 @@ class Quote:
         return {
             "operation": self.operation,
             "model": ledger_label(self.model),
-            "input_tokens": charge.input_tokens,
-            "output_tokens": charge.output_tokens,
-            "upstream_cost_usd": charge.upstream_cost_usd,
+            # Within what credits stores: a figure it refuses would bounce the whole settlement batch.
+            "input_tokens": _bounded(charge.input_tokens, MAX_LEDGER_TOKENS),
+            "output_tokens": _bounded(charge.output_tokens, MAX_LEDGER_TOKENS),
+            "upstream_cost_usd": _bounded(charge.upstream_cost_usd, MAX_LEDGER_COST_USD),
         }
 
 
-# Credits keeps at most this many characters of a model name on a usage entry.
+# What credits keeps on a usage entry: at most this many characters of a model name, token counts
+# and an upstream cost up to these bounds.
 MAX_LABEL_CHARS = 200
+MAX_LEDGER_TOKENS = 10**12
+MAX_LEDGER_COST_USD = 1e6
+_Number = TypeVar("_Number", int, float)
+
+
+def _bounded(value: _Number | None, most: _Number) -> _Number | None:
+    return None if value is None else min(value, most)
 
 
 def ledger_label(model: str | None) -> str | None:

@@ -40,3 +40,21 @@ async def test_a_hostile_model_name_neither_goes_unpaid_nor_bounces_the_batch_it
         else:
             assert label == model
         assert entry["details"]["operation"] == "chat.completions"
+
+
+async def test_usage_beyond_what_credits_stores_is_kept_at_its_bound_and_the_request_paid(
+    proxy: RunningProxy, credits: Credits
+) -> None:
+    """An upstream that reports absurd usage (here 5e12 prompt tokens on a per-request price) must not
+    make credits refuse the settlement: the request is charged, the figure kept at credits' bound."""
+    user = await credits.user(3)
+    async with httpx.AsyncClient(base_url=proxy.url, timeout=30) as http:
+        r = await http.post(
+            "/v1/chat/completions",
+            json={"model": "standin-bill-5000000000000", "messages": [{"role": "user", "content": "hi"}]},
+            headers={**INTERNAL, "X-User-Id": user},
+        )
+    assert r.status_code == 200, r.text
+    await credits.settled(user, 2, usage_total=1)
+    entry = next(e for e in await credits.ledger(user) if e["type"] == "usage")
+    assert entry["details"]["input_tokens"] == 10**12
