@@ -1,5 +1,5 @@
 -- Bring a loaded account in line with a committed PostgreSQL change (run after the commit).
--- KEYS[1]  credits:{<user_id>}:acct, KEYS[2] credits:{<user_id>}:deadlines (as in reserve.lua)
+-- KEYS[1]  credits:{<tag>}:acct:<user_id>, KEYS[2] credits:{<tag>}:deadlines:<user_id> (as in reserve.lua)
 -- ARGV[1]  balance (credits) read from PostgreSQL together with ARGV[2], or "" to leave the balance alone
 -- ARGV[2]  account version of that balance, or ""
 -- ARGV[3..] reservation ids of holds that have ended (in PostgreSQL, or never got there)

@@ -1,12 +1,12 @@
 -- After a hold is persisted: if the account was rebuilt since the hold was placed (the epoch changed),
 -- the rebuild may have missed it; put it back if the credits are still available.
--- KEYS[1]  credits:{<user_id>}:acct, KEYS[2] credits:{<user_id>}:deadlines (as in reserve.lua)
+-- KEYS[1]  credits:{<tag>}:acct:<user_id>, KEYS[2] credits:{<tag>}:deadlines:<user_id> (as in reserve.lua)
 -- ARGV[1]  reservation id, ARGV[2] held credits, ARGV[3] idempotency key or "", ARGV[4] epoch seen by
 --          reserve, ARGV[5] deadline (ms since epoch), ARGV[6] "strict" for a hold placed outside the
 --          credits service (the proxy's fast path): under an unchanged epoch it must still be in Redis
 --          (the sweeper may have ended it past its deadline, or it was never placed), so the epoch alone
 --          is no proof
--- KEYS[3]  optional (with "strict"): credits:{<user_id>}:pending; the hold's record there is removed, as
+-- KEYS[3]  optional (with "strict"): credits:{<tag>}:pending:<user_id>; the hold's record there is removed, as
 --          the hold is now in PostgreSQL
 -- Returns {1, available} when the hold stands (or the account is not loaded: the next rebuild reads
 -- the persisted hold), {0, available} when it could not be restored (the caller fails the reserve).

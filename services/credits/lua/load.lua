@@ -1,6 +1,6 @@
 -- Replace a user's Redis state with a PostgreSQL snapshot. The caller holds the account row lock
 -- (SELECT ... FOR UPDATE) while this runs, so the snapshot is the current truth.
--- KEYS[1]  credits:{<user_id>}:acct, KEYS[2] credits:{<user_id>}:deadlines (as in reserve.lua)
+-- KEYS[1]  credits:{<tag>}:acct:<user_id>, KEYS[2] credits:{<tag>}:deadlines:<user_id> (as in reserve.lua)
 -- ARGV[1]  balance (credits), ARGV[2] account version, ARGV[3] epoch (accounts.redis_epoch, bumped per rebuild)
 -- ARGV[4..] quadruples of open holds: reservation id, held credits, idempotency key ("" for none),
 --          deadline (ms since epoch)

@@ -1,10 +1,11 @@
 -- Place a hold on a user's available credits (available = balance - held).
--- KEYS[1]  credits:{<user_id>}:acct  hash: b = balance (credits, = the PostgreSQL ledger sum at version v),
+-- <tag> is a digest of the user id (shared/redis_holds.py `user_tag`): every key of a user in one slot.
+-- KEYS[1]  credits:{<tag>}:acct:<user_id>  hash: b = balance (credits, = the PostgreSQL ledger sum at version v),
 --          d = credits held by open holds, v = account version, e = load epoch,
 --          h:<reservation_id> = held credits, i:<idempotency_key> = reservation_id,
 --          k:<reservation_id> = that reservation's idempotency key
--- KEYS[2]  credits:{<user_id>}:deadlines  sorted set: reservation_id scored by its deadline (ms since epoch)
--- KEYS[3]  optional, for a hold placed by a proxy: credits:{<user_id>}:pending, the hash of what is not yet
+-- KEYS[2]  credits:{<tag>}:deadlines:<user_id>  sorted set: reservation_id scored by its deadline (ms since epoch)
+-- KEYS[3]  optional, for a hold placed by a proxy: credits:{<tag>}:pending:<user_id>, the hash of what is not yet
 --          in PostgreSQL; the hold's record goes there as h:<reservation_id> = "<held> <deadline> <epoch>
 --          <kind>" (removed by confirm.lua when credits records it, or applied by credits from there)
 -- ARGV[1]  reservation id

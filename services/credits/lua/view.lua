@@ -1,5 +1,5 @@
 -- Read a user's balance, held credits and the account version the balance reflects.
--- KEYS[1]  credits:{<user_id>}:acct, KEYS[2] credits:{<user_id>}:deadlines (as in reserve.lua)
+-- KEYS[1]  credits:{<tag>}:acct:<user_id>, KEYS[2] credits:{<tag>}:deadlines:<user_id> (as in reserve.lua)
 -- ARGV[1]  now minus the grace period (ms since epoch), as ARGV[6] of reserve.lua
 -- Returns {balance, held, version}, or {} when the account is not loaded or holds a hold past its
 -- deadline plus the grace period (then it is dropped, to be rebuilt from PostgreSQL).
