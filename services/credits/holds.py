@@ -289,6 +289,3 @@ class Holds:
     @property
     def pending_shards(self) -> int:
         return PENDING_SHARDS
-
-    async def ping(self) -> None:
-        await self.client.ping()
