@@ -18,9 +18,9 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import asyncpg
 
-from services.credits import store
 from services.credits.holds import Holds
-from services.credits.store import NewHold
+from services.credits.stores import reservations as reservation_store
+from services.credits.stores.reservations import NewHold
 
 log = logging.getLogger("credits.writer")
 
@@ -135,7 +135,7 @@ class HoldWriter(_GroupWriter[_Pending]):
                 self._conn = await self._pool.acquire()
             # One call: KEY SHARE on the accounts (a concurrent rebuild, FOR UPDATE, either sees these
             # holds or loads before them, and then confirm() below restores them), then the insert.
-            inserted = await store.insert_holds_fast(self._conn, [p.hold for p in batch])
+            inserted = await reservation_store.insert_holds_fast(self._conn, [p.hold for p in batch])
             # A hold placed here needs a look in Redis only if its account was rebuilt since its
             # reserve; a hold placed elsewhere is checked always (it must really be in Redis).
             suspect = [
@@ -213,7 +213,7 @@ class CommitWriter(_GroupWriter[_PendingCommit]):
         assert now is not None
         try:
             async with self._pool.acquire() as conn:
-                rows = await store.commit_batch_fast(
+                rows = await reservation_store.commit_batch_fast(
                     conn,
                     [p.reservation_id for p in batch],
                     [p.amount for p in batch],
@@ -227,7 +227,7 @@ class CommitWriter(_GroupWriter[_PendingCommit]):
             log.warning("batched commit of %d failed; committing one by one", len(batch), exc_info=True)
             for p in batch:
                 try:
-                    row = await store.commit_fast(
+                    row = await reservation_store.commit_fast(
                         self._pool, p.reservation_id, p.amount, now, self._threshold, p.low_event, p.details
                     )
                 except Exception as exc:
