@@ -10,7 +10,6 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
 
 import asyncpg
 import orjson
@@ -27,6 +26,7 @@ from services.credits.reservations import Reservations
 from services.credits.stores import accounts as account_store
 from services.credits.stores import ledger_entries as ledger_store
 from services.credits.stores import reservations as reservation_store
+from services.credits.stores.reservations import Outcome, Settled
 from services.credits.writer import CommitWriter
 from shared.errors import AppError, Conflict, InvalidRequest, NotFound
 from shared.events import BalanceLow
@@ -118,9 +118,11 @@ class Settlements:
         now = self.clock()
         item_details = list(details) if details is not None else [None] * len(items)
 
-        async def settle(rid: str | None, action: str, amount: int | None, about: str | None) -> Any:
+        async def settle(
+            rid: str | None, action: str, amount: int | None, about: str | None
+        ) -> Settled | None:
             if rid is None:
-                return {"outcome": "not_found"}
+                return None  # not a UUID: no such reservation
             if action == "commit":
                 return await self.commits.commit(rid, amount, now, self._low_event(now), about)
             return await reservation_store.release_fast(self.pool, rid, now)
@@ -136,39 +138,37 @@ class Settlements:
         # (item index, whether its result reports the mirror's answer, user, balance, version)
         syncs: list[tuple[int, bool, str, int | None, int | None]] = []
         for i, (rid, (_, action, amount), row) in enumerate(zip(canonical, items, rows, strict=True)):
-            outcome = row["outcome"]
-            if outcome == "not_found":
+            outcome = Outcome.NOT_FOUND if row is None else row.outcome
+            if outcome is Outcome.NOT_FOUND:
                 results[i] = NotFound("Unknown reservation.")
                 continue
-            assert rid is not None
-            user_id, reserved = row["user_id"], int(row["amount"])
+            assert rid is not None and row is not None
+            user_id, reserved = row.user_id, row.amount
             if action == "commit":
-                if outcome == "too_much":
-                    results[i] = InvalidRequest(
-                        f"amount {amount} exceeds the {row['amount']} credits reserved."
-                    )
-                elif outcome in ("released", "expired"):
+                if outcome is Outcome.TOO_MUCH:
+                    results[i] = InvalidRequest(f"amount {amount} exceeds the {reserved} credits reserved.")
+                elif outcome is Outcome.RELEASED or outcome is Outcome.EXPIRED:
                     results[i] = Conflict(f"Reservation {rid} was {outcome}; it can no longer be committed.")
-                elif outcome == "expired_now":
+                elif outcome is Outcome.EXPIRED_NOW:
                     metrics.CREDITS_EXPIRED.inc(reserved)
                     results[i] = Conflict(f"Reservation {rid} expired; it can no longer be committed.")
                     syncs.append((i, False, user_id, None, None))
-                else:
-                    charged = int(row["charged"] or 0)
+                else:  # committed now, or a replay of a commit
+                    charged = row.charged
                     results[i] = SettleResult(rid, charged, reserved - charged, 0)
-                    if outcome == "committed":
+                    if outcome is Outcome.COMMITTED:
                         metrics.CREDITS_COMMITTED.inc(charged)
                         metrics.CREDITS_RELEASED.inc(reserved - charged)
-                        if row["crossed"]:
+                        if row.crossed:
                             metrics.BALANCE_LOW_EVENTS.inc()
                             self._on_outbox()
-                        syncs.append((i, True, user_id, int(row["balance"]), int(row["version"])))
+                        syncs.append((i, True, user_id, row.balance, row.version))
             else:
-                if outcome == "committed":
+                if outcome is Outcome.COMMITTED:
                     results[i] = Conflict(f"Reservation {rid} was committed; it can no longer be released.")
                     continue
                 results[i] = SettleResult(rid, 0, reserved, 0)
-                if outcome == "released_now":
+                if outcome is Outcome.RELEASED_NOW:
                     metrics.CREDITS_RELEASED.inc(reserved)
                     syncs.append((i, True, user_id, None, None))
         available: dict[int, int | None] = {}
@@ -187,9 +187,12 @@ class Settlements:
             for i, row in enumerate(rows):
                 extra = overages[i]
                 result = results[i]
-                if extra <= 0 or not isinstance(result, SettleResult) or row["outcome"] != "committed":
+                if extra <= 0 or not isinstance(result, SettleResult):
+                    continue
+                assert row is not None  # a result: the reservation was found
+                if row.outcome is not Outcome.COMMITTED:
                     continue  # a replay was charged its overage the first time
-                owed = await self._charge_overage(row["user_id"], result.reservation_id, extra)
+                owed = await self._charge_overage(row.user_id, result.reservation_id, extra)
                 available.pop(i, None)
                 results[i] = replace(result, overage=extra, owed=owed)
         out: list[SettleResult | AppError] = []
@@ -198,7 +201,9 @@ class Settlements:
             if isinstance(result, SettleResult):
                 remaining = available.get(i)
                 if remaining is None:
-                    remaining, _ = await self.mirror.live(rows[i]["user_id"])
+                    settled = rows[i]
+                    assert settled is not None  # a result: the reservation was found
+                    remaining, _ = await self.mirror.live(settled.user_id)
                 result = SettleResult(
                     result.reservation_id,
                     result.charged,

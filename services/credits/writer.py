@@ -20,7 +20,7 @@ import asyncpg
 
 from services.credits.holds import Holds
 from services.credits.stores import reservations as reservation_store
-from services.credits.stores.reservations import NewHold
+from services.credits.stores.reservations import NewHold, Settled
 
 log = logging.getLogger("credits.writer")
 
@@ -179,7 +179,7 @@ class _PendingCommit:
     reservation_id: str
     amount: int | None
     low_event: str
-    future: asyncio.Future[Any]
+    future: asyncio.Future[Settled]
     details: str | None = None  # JSON text for the usage entry
 
 
@@ -201,12 +201,15 @@ class CommitWriter(_GroupWriter[_PendingCommit]):
         now: datetime,
         low_event: str,
         details: str | None = None,
-    ) -> Any:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    ) -> Settled:
+        future: asyncio.Future[Settled] = asyncio.get_running_loop().create_future()
         if self._task is not None and not self._closing:
             # One clock reading per batch is enough: the latest caller's (deadlines are checked against it).
             self._now = now
-        return await self._submit(_PendingCommit(reservation_id, amount, low_event, future, details))
+        settled: Settled = await self._submit(
+            _PendingCommit(reservation_id, amount, low_event, future, details)
+        )
+        return settled
 
     async def _write(self, batch: list[_PendingCommit]) -> None:
         now = self._now
@@ -237,7 +240,7 @@ class CommitWriter(_GroupWriter[_PendingCommit]):
                     if not p.future.done():
                         p.future.set_result(row)
             return
-        by_id: dict[str, list[Any]] = {}
+        by_id: dict[str, list[Settled]] = {}
         for row in rows:
             by_id.setdefault(str(row["reservation_id"]), []).append(row)
         for p in batch:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 import asyncpg
@@ -207,6 +208,56 @@ async def insert_holds_fast(conn: asyncpg.Connection, holds: Sequence[NewHold]) 
     return {str(r["hold_id"]): int(r["epoch"]) for r in rows}
 
 
+class Outcome(StrEnum):
+    """What credits_commit / credits_commit_batch / credits_release (migrations 0002, 0003, 0005)
+    decided for one reservation."""
+
+    COMMITTED = "committed"  # a commit: committed now; a release: committed before
+    REPLAY = "replay"  # a commit of a reservation committed before
+    RELEASED = "released"  # ended by an earlier release
+    RELEASED_NOW = "released_now"
+    EXPIRED = "expired"  # ended by an earlier expiry
+    EXPIRED_NOW = "expired_now"  # past its deadline: expired by this call
+    TOO_MUCH = "too_much"  # a commit of more than the hold
+    NOT_FOUND = "not_found"
+
+
+class Settled(asyncpg.Record):  # type: ignore[misc]  # asyncpg ships no type hints
+    """A row of those functions, read by name; asyncpg builds it in place of its own record (no copy),
+    and its outcome is parsed into an Outcome when read. A release's row has no charged, balance,
+    version or crossed."""
+
+    @property
+    def outcome(self) -> Outcome:
+        return Outcome(self["outcome"])
+
+    @property
+    def user_id(self) -> str:
+        user_id: str = self["user_id"]
+        return user_id
+
+    @property
+    def amount(self) -> int:
+        return int(self["amount"])
+
+    @property
+    def charged(self) -> int:
+        """What a commit charged (0 when nothing was)."""
+        return int(self["charged"] or 0)
+
+    @property
+    def balance(self) -> int:
+        return int(self["balance"])
+
+    @property
+    def version(self) -> int:
+        return int(self["version"])
+
+    @property
+    def crossed(self) -> bool:
+        return bool(self["crossed"])
+
+
 async def commit_fast(
     pool: asyncpg.Pool,
     reservation_id: str,
@@ -215,10 +266,10 @@ async def commit_fast(
     threshold: int,
     low_event: str,
     details: str | None = None,
-) -> Any:
+) -> Settled:
     """Returns (outcome, user_id, amount, charged, balance, version, crossed); see migrations 0002 and
     0005 (`details`, JSON text, is kept on the usage entry)."""
-    return await pool.fetchrow(
+    settled: Settled = await pool.fetchrow(
         "SELECT * FROM credits_commit($1::uuid, $2, $3, $4, $5::jsonb, $6::jsonb)",
         reservation_id,
         amount,
@@ -226,7 +277,9 @@ async def commit_fast(
         threshold,
         low_event,
         details,
+        record_class=Settled,
     )
+    return settled
 
 
 async def commit_batch_fast(
@@ -237,7 +290,7 @@ async def commit_batch_fast(
     threshold: int,
     low_events: Sequence[str],
     details: Sequence[str | None] | None = None,
-) -> list[Any]:
+) -> list[Settled]:
     """One row per id (in lock order, not input order): (reservation_id, outcome, user_id, amount,
     charged, balance, version, crossed); see migrations 0002, 0003 and 0005 (`details`: JSON text per
     id, or None, kept on its usage entry)."""
@@ -250,10 +303,14 @@ async def commit_batch_fast(
             threshold,
             list(low_events),
             list(details) if details is not None else None,
+            record_class=Settled,
         )
     )
 
 
-async def release_fast(pool: asyncpg.Pool, reservation_id: str, now: datetime) -> Any:
+async def release_fast(pool: asyncpg.Pool, reservation_id: str, now: datetime) -> Settled:
     """Returns (outcome, user_id, amount); see migration 0002."""
-    return await pool.fetchrow("SELECT * FROM credits_release($1::uuid, $2)", reservation_id, now)
+    settled: Settled = await pool.fetchrow(
+        "SELECT * FROM credits_release($1::uuid, $2)", reservation_id, now, record_class=Settled
+    )
+    return settled
