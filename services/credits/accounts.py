@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.credits import metrics
 from services.credits.config import CreditsSettings
@@ -98,15 +98,10 @@ async def write_low_balance_event(conn: AsyncConnection, user_id: str, balance: 
 
 class Accounts:
     def __init__(
-        self,
-        engine: AsyncEngine,
-        mirror: Mirror,
-        settings: CreditsSettings,
-        *,
-        on_outbox: Callable[[], None] = lambda: None,
+        self, mirror: Mirror, settings: CreditsSettings, *, on_outbox: Callable[[], None] = lambda: None
     ) -> None:
-        self.engine = engine
         self.mirror = mirror
+        self.engine = mirror.engine
         self.settings = settings
         self.threshold = settings.low_balance_threshold
         self._on_outbox = on_outbox

@@ -7,12 +7,8 @@ import logging
 from collections import defaultdict
 from datetime import datetime
 
-from sqlalchemy.ext.asyncio import AsyncEngine
-
 from services.credits import metrics
-from services.credits.clock import Clock
 from services.credits.config import CreditsSettings
-from services.credits.holds import Holds
 from services.credits.ids import is_uuid
 from services.credits.mirror import Mirror, Sync
 from services.credits.stores import accounts as account_store
@@ -22,14 +18,10 @@ log = logging.getLogger("credits.expiry")
 
 
 class Expiry:
-    def __init__(
-        self, engine: AsyncEngine, holds: Holds, mirror: Mirror, settings: CreditsSettings, clock: Clock
-    ) -> None:
-        self.engine = engine
-        self.holds = holds
+    def __init__(self, mirror: Mirror, settings: CreditsSettings) -> None:
         self.mirror = mirror
+        self.engine, self.holds, self.clock = mirror.engine, mirror.holds, mirror.clock
         self.settings = settings
-        self.clock = clock
 
     async def expire_due(self, now: datetime | None = None, limit: int = 500) -> int:
         """Ends every hold past its deadline in PostgreSQL (the ledger learns of each), then in Redis."""

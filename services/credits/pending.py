@@ -9,12 +9,10 @@ from dataclasses import replace
 from datetime import timedelta
 
 import orjson
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.credits import metrics
-from services.credits.clock import Clock, ms
+from services.credits.clock import ms
 from services.credits.config import CreditsSettings
-from services.credits.holds import Holds
 from services.credits.ids import is_uuid
 from services.credits.mirror import Mirror, Sync
 from services.credits.reservations import HoldToRecord, Reservations
@@ -29,22 +27,13 @@ log = logging.getLogger("credits.pending")
 
 class PendingSettlements:
     def __init__(
-        self,
-        engine: AsyncEngine,
-        holds: Holds,
-        mirror: Mirror,
-        reservations: Reservations,
-        settlements: Settlements,
-        settings: CreditsSettings,
-        clock: Clock,
+        self, mirror: Mirror, reservations: Reservations, settlements: Settlements, settings: CreditsSettings
     ) -> None:
-        self.engine = engine
-        self.holds = holds
         self.mirror = mirror
+        self.engine, self.holds, self.clock = mirror.engine, mirror.holds, mirror.clock
         self.reservations = reservations
         self.settlements = settlements
         self.settings = settings
-        self.clock = clock
         self.threshold = settings.low_balance_threshold
         self._draining: set[str] = set()  # users whose pending records this process is applying
 

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from sqlalchemy.ext.asyncio import AsyncEngine
-
 from services.credits import metrics
 from services.credits.accounts import Accounts, write_low_balance_event
-from services.credits.clock import Clock
 from services.credits.mirror import Mirror, Sync
 from services.credits.reservations import Reservations
 from services.credits.stores import accounts as account_store
@@ -26,19 +23,16 @@ class PurchaseNotYetApplied(Exception):
 class Purchases:
     def __init__(
         self,
-        engine: AsyncEngine,
         mirror: Mirror,
         accounts: Accounts,
         reservations: Reservations,
-        clock: Clock,
         *,
         on_outbox: Callable[[], None] = lambda: None,
     ) -> None:
-        self.engine = engine
         self.mirror = mirror
+        self.engine, self.clock = mirror.engine, mirror.clock
         self.accounts = accounts
         self.reservations = reservations
-        self.clock = clock
         self.threshold = accounts.threshold
         self._on_outbox = on_outbox
 

@@ -12,12 +12,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.credits import metrics
-from services.credits.clock import Clock, ms
+from services.credits.clock import ms
 from services.credits.config import CreditsSettings
-from services.credits.holds import Holds, ReserveOutcome
+from services.credits.holds import ReserveOutcome
 from services.credits.ids import canonical_uuid, is_uuid
 from services.credits.mirror import Mirror, Sync
 from services.credits.stores import accounts as account_store
@@ -65,22 +64,12 @@ class Extended:
 
 
 class Reservations:
-    def __init__(
-        self,
-        engine: AsyncEngine,
-        pool: asyncpg.Pool,
-        holds: Holds,
-        mirror: Mirror,
-        settings: CreditsSettings,
-        clock: Clock,
-    ) -> None:
-        self.engine = engine
-        self.pool = pool
-        self.holds = holds
+    def __init__(self, mirror: Mirror, pool: asyncpg.Pool, settings: CreditsSettings) -> None:
         self.mirror = mirror
+        self.engine, self.holds, self.clock = mirror.engine, mirror.holds, mirror.clock
+        self.pool = pool
         self.settings = settings
-        self.clock = clock
-        self.writer = HoldWriter(pool, holds, settings.hold_batch_max)
+        self.writer = HoldWriter(pool, mirror.holds, settings.hold_batch_max)
 
     async def start(self) -> None:
         self.writer.start()

@@ -90,16 +90,14 @@ class Runtime:
             relay = OutboxRelay(engine, Publisher(connection, Topology(settings.broker_namespace)))
         on_outbox = relay.kick if relay else lambda: None
         mirror = Mirror(engine, holds, clock)
-        accounts = Accounts(engine, mirror, settings, on_outbox=on_outbox)
-        reservations = Reservations(engine, pool, holds, mirror, settings, clock)
-        settlements = Settlements(
-            engine, pool, holds, mirror, reservations, settings, clock, on_outbox=on_outbox
-        )
-        pending = PendingSettlements(engine, holds, mirror, reservations, settlements, settings, clock)
+        accounts = Accounts(mirror, settings, on_outbox=on_outbox)
+        reservations = Reservations(mirror, pool, settings)
+        settlements = Settlements(mirror, pool, reservations, settings, on_outbox=on_outbox)
+        pending = PendingSettlements(mirror, reservations, settlements, settings)
         # A rebuild applies the user's pending entries first (the mirror is built before them).
         mirror.drain_pending = pending.drain_pending
-        purchases = Purchases(engine, mirror, accounts, reservations, clock, on_outbox=on_outbox)
-        expiry = Expiry(engine, holds, mirror, settings, clock)
+        purchases = Purchases(mirror, accounts, reservations, on_outbox=on_outbox)
+        expiry = Expiry(mirror, settings)
         analytics = Analytics(engine)
         await reservations.start()
         await settlements.start()

@@ -13,13 +13,10 @@ from datetime import datetime
 
 import asyncpg
 import orjson
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.credits import metrics
 from services.credits.accounts import write_low_balance_event
-from services.credits.clock import Clock
 from services.credits.config import CreditsSettings
-from services.credits.holds import Holds
 from services.credits.ids import is_uuid
 from services.credits.mirror import Mirror, Sync
 from services.credits.reservations import Reservations
@@ -48,23 +45,17 @@ class SettleResult:
 class Settlements:
     def __init__(
         self,
-        engine: AsyncEngine,
-        pool: asyncpg.Pool,
-        holds: Holds,
         mirror: Mirror,
+        pool: asyncpg.Pool,
         reservations: Reservations,
         settings: CreditsSettings,
-        clock: Clock,
         *,
         on_outbox: Callable[[], None] = lambda: None,
     ) -> None:
-        self.engine = engine
-        self.pool = pool
-        self.holds = holds
         self.mirror = mirror
+        self.engine, self.holds, self.clock = mirror.engine, mirror.holds, mirror.clock
+        self.pool = pool
         self.reservations = reservations
-        self.settings = settings
-        self.clock = clock
         self.threshold = settings.low_balance_threshold
         self._on_outbox = on_outbox
         self.commits = CommitWriter(pool, settings.low_balance_threshold, settings.hold_batch_max)
