@@ -13,7 +13,13 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from services.credits.accounts import Accounts
 from services.credits.analytics import Analytics
 from services.credits.api_bodies import CreateKey, CreateUser, Grant, Migration, checked_user
-from services.credits.api_responses import account_body, migrated_body, reservation_view, transactions_body
+from services.credits.api_responses import (
+    account_body,
+    api_key_body,
+    migrated_body,
+    reservation_view,
+    transactions_body,
+)
 from services.credits.apikeys import ApiKeys
 from services.credits.reservations import Reservations
 from services.credits.runtime import Runtime
@@ -85,19 +91,18 @@ async def get_reservation(reservation_id: str, reservations: ReservationsDep) ->
 async def create_api_key(
     user_id: str, keys: KeysDep, body: Annotated[CreateKey | None, Depends(optional_json_body(CreateKey))]
 ) -> JsonResponse:
-    return JsonResponse(
-        await keys.create(checked_user(user_id), body.name if body else None), status_code=201
-    )
+    created, key = await keys.create(checked_user(user_id), body.name if body else None)
+    return JsonResponse({**api_key_body(created), "key": key}, status_code=201)
 
 
 @internal.get("/v1/users/{user_id}/api-keys")
 async def list_api_keys(user_id: str, keys: KeysDep) -> JsonResponse:
-    return JsonResponse(await keys.list(checked_user(user_id)))
+    return JsonResponse({"data": [api_key_body(k) for k in await keys.list(checked_user(user_id))]})
 
 
 @internal.delete("/v1/users/{user_id}/api-keys/{key_id}")
 async def revoke_api_key(user_id: str, key_id: str, keys: KeysDep) -> JsonResponse:
-    return JsonResponse(await keys.revoke(checked_user(user_id), key_id))
+    return JsonResponse(api_key_body(await keys.revoke(checked_user(user_id), key_id)))
 
 
 @admin.post("/users/{user_id}/grants")

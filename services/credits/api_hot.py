@@ -23,7 +23,13 @@ from services.credits.api_bodies import (
     checked_user,
     stored_details,
 )
-from services.credits.api_responses import extended_body, recorded_body, reservation_body, settle_body
+from services.credits.api_responses import (
+    extended_body,
+    key_owner_body,
+    recorded_body,
+    reservation_body,
+    settle_body,
+)
 from services.credits.apikeys import ApiKeys
 from services.credits.reservations import HoldToRecord
 from services.credits.runtime import Runtime
@@ -161,7 +167,7 @@ async def verify_api_key(request: Request) -> JsonResponse:
     body = await _parse(request, VerifyKey)
     assert body is not None
     keys: ApiKeys = request.app.state.runtime.api_keys
-    return JsonResponse(await keys.verify(body.key))
+    return JsonResponse(key_owner_body(await keys.verify(body.key)))
 
 
 hot_routes = [

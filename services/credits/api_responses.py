@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from services.credits.accounts import Account, LedgerPage, Migrated
+from services.credits.apikeys import ApiKey, KeyOwner
 from services.credits.reservations import Extended, ReserveResult
 from services.credits.settlements import SettleResult
 from services.credits.stores.reservations import Reservation
@@ -99,3 +100,17 @@ def reservation_view(r: Reservation) -> dict[str, Any]:
 def extended_body(e: Extended) -> dict[str, Any]:
     """An extended hold in a batch answer (whose "status" is the item's HTTP status, 200)."""
     return {"reservation_id": e.reservation_id, "expires_at": e.expires_at}
+
+
+def api_key_body(k: ApiKey) -> dict[str, Any]:
+    return {
+        "id": k.id,
+        "name": k.name,
+        "prefix": k.prefix,
+        "created_at": k.created_at,
+        "revoked_at": k.revoked_at,
+    }
+
+
+def key_owner_body(o: KeyOwner) -> dict[str, Any]:
+    return {"user_id": o.user_id, "key_id": o.key_id, "api_access_unlocked": o.api_access_unlocked}
