@@ -10,6 +10,21 @@ from services.credits.reservations import Extended, ReserveResult
 from services.credits.settlements import SettleResult
 from services.credits.stores.reservations import Reservation
 
+# Answers whose keys are the result's field names, in this order.
+ACCOUNT_KEYS = (
+    "user_id credits_remaining credits_reserved credits_purchased_total credits_lifetime_used credits_owed "
+    "api_access_unlocked tier support_tier low_balance last_purchase_date last_purchase_amount created_at"
+).split()
+LEDGER_ENTRY_KEYS = "id type amount balance_after reference created_at details".split()
+MIGRATED_KEYS = "user_id tier credits status".split()
+API_KEY_KEYS = "id name prefix created_at revoked_at".split()
+KEY_OWNER_KEYS = "user_id key_id api_access_unlocked".split()
+RESERVATION_KEYS = "user_id amount status charged expires_at".split()  # after its reservation_id
+
+
+def _pick(result: object, keys: list[str]) -> dict[str, Any]:
+    return {key: getattr(result, key) for key in keys}
+
 
 def reservation_body(result: ReserveResult) -> dict[str, Any]:
     r = result.reservation
@@ -46,55 +61,20 @@ def settle_body(result: SettleResult, *, commit: bool) -> dict[str, Any]:
 
 
 def account_body(a: Account) -> dict[str, Any]:
-    return {
-        "user_id": a.user_id,
-        "credits_remaining": a.credits_remaining,
-        "credits_reserved": a.credits_reserved,
-        "credits_purchased_total": a.credits_purchased_total,
-        "credits_lifetime_used": a.credits_lifetime_used,
-        "credits_owed": a.credits_owed,
-        "api_access_unlocked": a.api_access_unlocked,
-        "tier": a.tier,
-        "support_tier": a.support_tier,
-        "low_balance": a.low_balance,
-        "last_purchase_date": a.last_purchase_date,
-        "last_purchase_amount": a.last_purchase_amount,
-        "created_at": a.created_at,
-    }
+    return _pick(a, ACCOUNT_KEYS)
 
 
 def transactions_body(page: LedgerPage) -> dict[str, Any]:
-    return {
-        "data": [
-            {
-                "id": e.id,
-                "type": e.type,
-                "amount": e.amount,
-                "balance_after": e.balance_after,
-                "reference": e.reference,
-                "created_at": e.created_at,
-                "details": e.details,
-            }
-            for e in page.entries
-        ],
-        "has_more": page.has_more,
-    }
+    return {"data": [_pick(e, LEDGER_ENTRY_KEYS) for e in page.entries], "has_more": page.has_more}
 
 
 def migrated_body(m: Migrated) -> dict[str, Any]:
-    return {"user_id": m.user_id, "tier": m.tier, "credits": m.credits, "status": m.status}
+    return _pick(m, MIGRATED_KEYS)
 
 
 def reservation_view(r: Reservation) -> dict[str, Any]:
     """GET /v1/reservations/{id}."""
-    return {
-        "reservation_id": r.id,
-        "user_id": r.user_id,
-        "amount": r.amount,
-        "status": r.status,
-        "charged": r.charged,
-        "expires_at": r.expires_at,
-    }
+    return {"reservation_id": r.id, **_pick(r, RESERVATION_KEYS)}
 
 
 def extended_body(e: Extended) -> dict[str, Any]:
@@ -103,14 +83,8 @@ def extended_body(e: Extended) -> dict[str, Any]:
 
 
 def api_key_body(k: ApiKey) -> dict[str, Any]:
-    return {
-        "id": k.id,
-        "name": k.name,
-        "prefix": k.prefix,
-        "created_at": k.created_at,
-        "revoked_at": k.revoked_at,
-    }
+    return _pick(k, API_KEY_KEYS)
 
 
 def key_owner_body(o: KeyOwner) -> dict[str, Any]:
-    return {"user_id": o.user_id, "key_id": o.key_id, "api_access_unlocked": o.api_access_unlocked}
+    return _pick(o, KEY_OWNER_KEYS)

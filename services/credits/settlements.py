@@ -33,6 +33,8 @@ log = logging.getLogger("credits.settlements")
 
 @dataclass(frozen=True)
 class SettleResult:
+    """What a commit or release did: credits charged and handed back, and what is available after."""
+
     reservation_id: str
     charged: int
     refunded: int
