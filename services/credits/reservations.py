@@ -167,7 +167,7 @@ class Reservations:
         A hold that is no longer in Redis is refused and recorded as released, so it can never be
         committed: past its deadline (409), never placed, or lost with a Redis wipe when the rebuilt
         balance no longer covers it (402). Returns, per hold, its reservation or the refusal.
-        `late`: records taken from the user's pending hash (`drain_pending`), where a hold that was
+        `late`: records taken from the user's pending hash (`PendingSettlements.drain_pending`), where a hold that was
         still in Redis all along may be past its deadline: it is recorded all the same (and then
         expires, unless its settlement is applied with it)."""
         if not placed:

@@ -81,7 +81,7 @@ class Settlements:
     async def commit(
         self, rid: str, amount: int | None, details: str | None = None, overage: int = 0
     ) -> SettleResult:
-        """`details`: the usage entry's details as JSON text (see api.UsageDetails), or None;
+        """`details`: the usage entry's details as JSON text (see api_bodies.UsageDetails), or None;
         `overage`: credits the request cost beyond its hold (see `settle_many`)."""
         result = (await self.settle_many([(rid, "commit", amount)], [details], [overage]))[0]
         if isinstance(result, AppError):
