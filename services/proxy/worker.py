@@ -34,7 +34,7 @@ from shared.redis_client import AnyRedis
 
 from .downstream import DownstreamError
 from .metrics import CREDITS_CHARGED, JOBS
-from .pricing import Quote
+from .quote import Quote
 from .upstream import loads_object
 
 if TYPE_CHECKING:
