@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from starlette.requests import Request
@@ -20,10 +20,8 @@ from .callers import CallerKind
 from .httpclient import StreamingCall, TransportError
 from .metering import Hold, credit_headers
 from .metrics import UPSTREAM_ERRORS
+from .runtime import Proxy
 from .upstream import loads_object
-
-if TYPE_CHECKING:
-    from .runtime import Proxy
 
 log = logging.getLogger("proxy.api")
 
