@@ -65,22 +65,15 @@ def pack_json(pack: Pack) -> dict[str, Any]:
     return body
 
 
+# Purchase fields of docs/api.md, Billing (plus a few extra, which the contract allows), in this order.
+_PURCHASE_FIELDS = (
+    "purchase_id pack credits amount_cents currency status created_at unlocks_api paid_at credits_refunded "
+    "amount_refunded_cents stripe_checkout_session_id"
+).split()
+
+
 def purchase_json(purchase: Purchase) -> dict[str, Any]:
-    """Purchase fields of docs/api.md, Billing (plus a few extra, which the contract allows)."""
-    return {
-        "purchase_id": purchase.purchase_id,
-        "pack": purchase.pack,
-        "credits": purchase.credits,
-        "amount_cents": purchase.amount_cents,
-        "currency": purchase.currency,
-        "status": purchase.status,
-        "created_at": purchase.created_at,
-        "unlocks_api": purchase.unlocks_api,
-        "paid_at": purchase.paid_at,
-        "credits_refunded": purchase.credits_refunded,
-        "amount_refunded_cents": purchase.amount_refunded_cents,
-        "stripe_checkout_session_id": purchase.stripe_checkout_session_id,
-    }
+    return {name: getattr(purchase, name) for name in _PURCHASE_FIELDS}
 
 
 @router.get("/v1/packs")

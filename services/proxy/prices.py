@@ -108,21 +108,23 @@ def _whole(value: Any, where: str) -> int:
     return int(number)
 
 
-def _upstream_usd(entry: Any, where: str) -> UpstreamUsd:
+def _mapping(entry: Any, keys: set[str], where: str) -> dict[str, Any]:
+    """`entry` when it is a mapping of `keys` only."""
     if not isinstance(entry, dict):
         raise PricingError(f"{where} must be a mapping")
-    unknown = set(entry) - _USD_KEYS
+    unknown = set(entry) - keys
     if unknown:
         raise PricingError(f"{where}: unknown keys {sorted(unknown)}")
+    return entry
+
+
+def _upstream_usd(entry: Any, where: str) -> UpstreamUsd:
+    entry = _mapping(entry, _USD_KEYS, where)
     return UpstreamUsd(**{key: _number(value, f"{where}.{key}") for key, value in entry.items()})
 
 
 def parse_price(entry: Any, where: str) -> Price:
-    if not isinstance(entry, dict):
-        raise PricingError(f"{where} must be a mapping")
-    unknown = set(entry) - _PRICE_KEYS
-    if unknown:
-        raise PricingError(f"{where}: unknown keys {sorted(unknown)}")
+    entry = _mapping(entry, _PRICE_KEYS, where)
     common: dict[str, Any] = {}
     if entry.get("max_output_tokens") is not None:
         cap = _whole(entry["max_output_tokens"], f"{where}.max_output_tokens")
