@@ -98,7 +98,7 @@ class Upstream:
         `call`, the call closed; the call returned is the caller's to read and to `close()`."""
         started = time.perf_counter()
         call = self.pool.stream(b"POST", PATHS[operation], headers=(_JSON,), body=body)
-        try:
+        try:  # closed here whatever fails before it is handed over
             try:
                 async with asyncio.timeout(self.timeout):
                     await call.open()
