@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aio_pika
 import asyncpg
@@ -36,30 +36,30 @@ async def fake_stripe() -> AsyncIterator[FakeStripeServer]:
         yield FakeStripeServer(stripe, url)
 
 
-def billing_on_fake_stripe(
-    fake_stripe: FakeStripeServer, database_url: str, rabbitmq_url: str, broker_namespace: str
-) -> contextlib.AbstractAsyncContextManager[RunningBilling]:
-    """Billing in Stripe mode, its SDK pointed at the fake Stripe server."""
-    return running_billing(
-        database_url=database_url,
-        rabbitmq_url=rabbitmq_url,
-        broker_namespace=broker_namespace,
-        stripe_api_base=fake_stripe.url,
-        stripe_api_key=fake_stripe.stripe.api_key,
-    )
+def billing_on_fake_stripe(name: str, database: str, scope: Literal["module", "package"]) -> Any:
+    """A fixture `name`: billing in Stripe mode on a database of its own, its SDK pointed at the fake
+    Stripe server."""
+
+    @pytest.fixture(name=name, scope=scope)
+    async def running(
+        fake_stripe: FakeStripeServer,
+        make_database_url: Callable[[str], str],
+        rabbitmq_url: str,
+        broker_namespace: str,
+    ) -> AsyncIterator[RunningBilling]:
+        async with running_billing(
+            database_url=make_database_url(database),
+            rabbitmq_url=rabbitmq_url,
+            broker_namespace=broker_namespace,
+            stripe_api_base=fake_stripe.url,
+            stripe_api_key=fake_stripe.stripe.api_key,
+        ) as billing:
+            yield billing
+
+    return running
 
 
-@pytest.fixture(scope="package")
-async def billing(
-    fake_stripe: FakeStripeServer,
-    make_database_url: Callable[[str], str],
-    rabbitmq_url: str,
-    broker_namespace: str,
-) -> AsyncIterator[RunningBilling]:
-    async with billing_on_fake_stripe(
-        fake_stripe, make_database_url("billing"), rabbitmq_url, broker_namespace
-    ) as running:
-        yield running
+billing = billing_on_fake_stripe("billing", "billing", scope="package")
 
 
 @dataclass

@@ -6,27 +6,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
 from typing import Any
-
-import pytest
 
 from tests.billing.conftest import FakeStripeServer, billing_on_fake_stripe, sql
 from tests.support.billing_service import WEBHOOK_SECRET, RunningBilling
 from tests.support.stripe_server import sign_payload
 
-
-@pytest.fixture(scope="module")
-async def fresh_billing(
-    fake_stripe: FakeStripeServer,
-    make_database_url: Callable[[str], str],
-    rabbitmq_url: str,
-    broker_namespace: str,
-) -> AsyncIterator[RunningBilling]:
-    async with billing_on_fake_stripe(
-        fake_stripe, make_database_url("billing_signatures"), rabbitmq_url, broker_namespace
-    ) as running:
-        yield running
+fresh_billing = billing_on_fake_stripe("fresh_billing", "billing_signatures", scope="module")
 
 
 def _paid_session_event(fake_stripe: FakeStripeServer) -> dict[str, Any]:

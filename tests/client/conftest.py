@@ -11,24 +11,12 @@ import httpx
 import pytest
 
 from shared.client import CreditProxyClient
-from tests.portal.stack import Stack, running_stack
+from tests.portal.stack import Stack, stack_fixture
 
 PAY_FORM = re.compile(r'<form method="post" action="([^"]+/pay)"')
 
 
-@pytest.fixture(scope="package")
-async def client_stack(  # type: ignore[no-untyped-def]
-    make_database_url, redis_url, rabbitmq_url, broker_namespace, tmp_path_factory
-) -> AsyncIterator[Stack]:
-    async with running_stack(
-        name="client",
-        make_database_url=make_database_url,
-        redis_url=redis_url,
-        rabbitmq_url=rabbitmq_url,
-        broker_namespace=broker_namespace,
-        workdir=tmp_path_factory.mktemp("client-stack"),
-    ) as running:
-        yield running
+client_stack = stack_fixture("client", fixture="client_stack")
 
 
 def client_kwargs(stack: Stack) -> dict[str, str]:

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from shared.devtoken import make_token
-from tests.portal.stack import Stack, running_stack
+from tests.portal.stack import Stack, stack_fixture
 from tests.support.servers import REPO_ROOT
 
 CHROMIUM = "/usr/bin/chromium"
@@ -40,19 +40,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(skip)
 
 
-@pytest.fixture(scope="package")
-async def stack(  # type: ignore[no-untyped-def]
-    make_database_url, redis_url, rabbitmq_url, broker_namespace, tmp_path_factory
-) -> AsyncIterator[Stack]:
-    async with running_stack(
-        name="portal",
-        make_database_url=make_database_url,
-        redis_url=redis_url,
-        rabbitmq_url=rabbitmq_url,
-        broker_namespace=broker_namespace,
-        workdir=tmp_path_factory.mktemp("portal-stack"),
-    ) as running:
-        yield running
+stack = stack_fixture("portal", fixture="stack")
 
 
 @pytest.fixture(scope="package")

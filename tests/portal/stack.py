@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from services.standin import StandinServer, run_in_thread
 from tests.support.billing_service import RunningBilling, running_billing
@@ -113,7 +114,6 @@ async def _start(
 
 @contextlib.asynccontextmanager
 async def running_stack(
-    *,
     name: str,
     make_database_url: Callable[[str], str],
     redis_url: str,
@@ -149,3 +149,24 @@ async def running_stack(
             break
     finally:
         await delete_namespace(rabbitmq_url, namespace)
+
+
+def stack_fixture(name: str, *, fixture: str) -> Any:
+    """A package-scoped fixture called `fixture`: the whole stack named `name` (its broker namespace
+    suffix and databases), for the tests of one package."""
+
+    @pytest.fixture(name=fixture, scope="package")
+    async def stack(
+        make_database_url: Callable[[str], str],
+        redis_url: str,
+        rabbitmq_url: str,
+        broker_namespace: str,
+        tmp_path_factory: pytest.TempPathFactory,
+    ) -> AsyncIterator[Stack]:
+        workdir = tmp_path_factory.mktemp(f"{name}-stack")
+        async with running_stack(
+            name, make_database_url, redis_url, rabbitmq_url, broker_namespace, workdir
+        ) as running:
+            yield running
+
+    return stack

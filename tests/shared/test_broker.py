@@ -8,6 +8,7 @@ import orjson
 from shared.broker import PoisonMessage, Publisher, Topology, consume, parse_json
 from shared.events import PackPurchased
 from tests.conftest import eventually
+from tests.support.dead_letters import declare_dead_letter_queue, next_dead_letter
 
 
 async def test_poison_goes_to_dead_letters_and_next_message_is_processed(
@@ -43,17 +44,10 @@ async def test_poison_goes_to_dead_letters_and_next_message_is_processed(
         await eventually(lambda: seen, timeout=10)
         assert seen[0]["purchase_id"] == "p1" and seen[0]["event_id"] == str(event.event_id)
 
-        dlq_channel = await amqp_connection.channel()
-        dead = await dlq_channel.declare_queue(
-            topology.dead_letter_queue, durable=True, arguments={"x-queue-type": "quorum"}
-        )
-
-        async def dead_letter() -> aio_pika.abc.AbstractIncomingMessage | None:
-            return await dead.get(fail=False)
-
-        msg = await eventually(dead_letter, timeout=10)
-        assert msg.body == b"\x00not json"  # type: ignore[union-attr]
-        await msg.ack()  # type: ignore[union-attr]
+        dead = await declare_dead_letter_queue(await amqp_connection.channel(), topology)
+        msg = await next_dead_letter(dead, timeout=10)
+        assert msg.body == b"\x00not json"
+        await msg.ack()
     finally:
         await queue.cancel(tag)
         await queue.delete(if_unused=False, if_empty=False)

@@ -20,6 +20,7 @@ import pytest
 
 from shared.broker import DEAD_LETTER_POLICY, PoisonMessage, Topology, consume, declare_topology
 from tests.conftest import eventually
+from tests.support.dead_letters import declare_dead_letter_queue, next_dead_letter
 
 pytestmark = pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="needs rabbitmqctl")
 
@@ -68,9 +69,7 @@ async def _dead_letter_round_trip(
 
     channel, consumer_queue, tag = await consume(connection, topology, base, reject_everything)
     side = await connection.channel()
-    dlq = await side.declare_queue(
-        topology.dead_letter_queue, durable=True, arguments={"x-queue-type": "quorum"}
-    )
+    dlq = await declare_dead_letter_queue(side, topology)
     try:
         await dlq.unbind(topology.dead_letter_exchange)
         await _poison(connection, queue)
@@ -80,13 +79,9 @@ async def _dead_letter_round_trip(
         await dlq.purge()
         await dlq.bind(topology.dead_letter_exchange)
         await _poison(connection, queue)
-
-        async def dead_letter() -> aio_pika.abc.AbstractIncomingMessage | None:
-            return await dlq.get(fail=False)
-
-        msg = await eventually(dead_letter, timeout=15)
-        assert msg.body == b"not json"  # type: ignore[union-attr]
-        await msg.ack()  # type: ignore[union-attr]
+        msg = await next_dead_letter(dlq, timeout=15)
+        assert msg.body == b"not json"
+        await msg.ack()
     finally:
         await consumer_queue.cancel(tag)
         await channel.close()

@@ -8,7 +8,8 @@ import time
 import httpx
 import openai
 import pytest
-from openai import AsyncOpenAI
+from openai import AsyncOpenAI, AsyncStream
+from openai.types.chat import ChatCompletionChunk
 
 from services.standin import StandinConfig, StandinServer, run_in_thread
 from services.standin.knobs import KnobError, parse_model
@@ -26,16 +27,29 @@ FAILURES = [
 ]
 
 
+def knob_kwargs(via: str, headers: dict[str, str], model: str) -> dict[str, object]:
+    """The request's knobs by header (on an ordinary model) or by model name."""
+    return {"model": "gpt-4o-mini", "extra_headers": headers} if via == "header" else {"model": model}
+
+
+async def chunks_before(
+    error: type[Exception], stream: AsyncStream[ChatCompletionChunk]
+) -> list[ChatCompletionChunk]:
+    """The chunks `stream` delivers before it fails with `error`, which it must."""
+    received: list[ChatCompletionChunk] = []
+    with pytest.raises(error):
+        async with stream:
+            async for chunk in stream:
+                received.append(chunk)
+    return received
+
+
 @pytest.mark.parametrize(("status", "model", "error"), FAILURES)
 @pytest.mark.parametrize("via", ["header", "model"])
 async def test_injected_http_failures(
     client: AsyncOpenAI, status: str, model: str, error: type[openai.APIStatusError], via: str
 ) -> None:
-    kwargs: dict[str, object] = (
-        {"model": "gpt-4o-mini", "extra_headers": {"X-Standin-Fail": status}}
-        if via == "header"
-        else {"model": model}
-    )
+    kwargs = knob_kwargs(via, {"X-Standin-Fail": status}, model)
     with pytest.raises(error) as caught:
         await client.chat.completions.create(messages=USER, **kwargs)
     assert caught.value.status_code == int(status)
@@ -56,11 +70,7 @@ async def test_injected_failure_on_every_endpoint(client: AsyncOpenAI) -> None:
 
 @pytest.mark.parametrize("via", ["header", "model"])
 async def test_timeout(client: AsyncOpenAI, via: str) -> None:
-    kwargs: dict[str, object] = (
-        {"model": "gpt-4o-mini", "extra_headers": {"X-Standin-Fail": "timeout"}}
-        if via == "header"
-        else {"model": "standin-timeout"}
-    )
+    kwargs = knob_kwargs(via, {"X-Standin-Fail": "timeout"}, "standin-timeout")
     started = time.monotonic()
     with pytest.raises(openai.APITimeoutError):
         await client.with_options(timeout=0.3).chat.completions.create(messages=USER, **kwargs)
@@ -77,17 +87,9 @@ async def test_timeout_ends_when_its_hang_time_runs_out() -> None:
 
 @pytest.mark.parametrize("via", ["header", "model"])
 async def test_drop_cuts_the_stream_before_done(client: AsyncOpenAI, via: str) -> None:
-    kwargs: dict[str, object] = (
-        {"model": "gpt-4o-mini", "extra_headers": {"X-Standin-Fail": "drop", "X-Standin-Drop-After": "3"}}
-        if via == "header"
-        else {"model": "standin-drop-after-3"}
-    )
-    received = []
+    kwargs = knob_kwargs(via, {"X-Standin-Fail": "drop", "X-Standin-Drop-After": "3"}, "standin-drop-after-3")
     stream = await client.chat.completions.create(messages=USER, stream=True, **kwargs)
-    with pytest.raises(openai.APIConnectionError):
-        async with stream:
-            async for chunk in stream:
-                received.append(chunk)
+    received = await chunks_before(openai.APIConnectionError, stream)
     assert len(received) == 3
 
 
@@ -114,11 +116,7 @@ async def test_drop_after_more_events_than_the_stream_has_still_skips_done(clien
         stream=True,
         stream_options={"include_usage": True},
     )
-    received = []
-    with pytest.raises(openai.APIConnectionError):
-        async with stream:
-            async for chunk in stream:
-                received.append(chunk)
+    received = await chunks_before(openai.APIConnectionError, stream)
     # Every event including the usage chunk arrived; only the end of the stream is missing.
     assert received[-1].usage is not None
 
@@ -133,26 +131,18 @@ async def test_drop_without_stream_truncates_the_body(client: AsyncOpenAI) -> No
 
 
 async def test_stall_goes_silent_mid_stream(client: AsyncOpenAI) -> None:
-    received = []
     stream = await client.with_options(timeout=0.3).chat.completions.create(
         model="standin-stall-after-2",
         messages=USER,
         stream=True,
     )
-    with pytest.raises(openai.APITimeoutError):
-        async with stream:
-            async for chunk in stream:
-                received.append(chunk)
+    received = await chunks_before(openai.APITimeoutError, stream)
     assert len(received) == 2
 
 
 @pytest.mark.parametrize("via", ["header", "model"])
 async def test_latency(client: AsyncOpenAI, via: str) -> None:
-    kwargs: dict[str, object] = (
-        {"model": "gpt-4o-mini", "extra_headers": {"X-Standin-Latency-Ms": "150"}}
-        if via == "header"
-        else {"model": "standin-slow-150"}
-    )
+    kwargs = knob_kwargs(via, {"X-Standin-Latency-Ms": "150"}, "standin-slow-150")
     started = time.monotonic()
     await client.chat.completions.create(messages=USER, **kwargs)
     assert time.monotonic() - started >= 0.15
@@ -197,16 +187,12 @@ async def test_header_wins_over_model_name(client: AsyncOpenAI) -> None:
 async def test_plain_standin_model_and_combined_knobs(client: AsyncOpenAI) -> None:
     completion = await client.chat.completions.create(model="standin", messages=USER)
     assert completion.choices[0].finish_reason == "stop"
-    received = []
     stream = await client.chat.completions.create(
         model="standin-slow-10-words-20-drop-after-5",
         messages=USER,
         stream=True,
     )
-    with pytest.raises(openai.APIConnectionError):
-        async with stream:
-            async for chunk in stream:
-                received.append(chunk)
+    received = await chunks_before(openai.APIConnectionError, stream)
     assert len(received) == 5
 
 

@@ -5,12 +5,7 @@ databases, Redis namespace and broker names, so they never write into what a dev
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import re
-import signal
-import socket
-import subprocess
 import sys
 import time
 import uuid
@@ -21,43 +16,21 @@ import httpx
 import openai
 import pytest
 
-from shared.db import drop_database
-from tests.conftest import PG_BASE, REDIS_URL
-from tests.support.servers import REPO_ROOT
-
-PORTS = {"proxy": 8000, "billing": 8001, "credits": 8002, "upstream": 8010}
-INTERNAL = {"Authorization": "Bearer dev-internal-token"}
-
-
-def port_in_use(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def processes_with_marker(marker: str) -> list[int]:
-    """Every live process whose environment carries our marker: `make run` and all it started."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-            status = (entry / "status").read_text()
-        except OSError:
-            continue
-        if f"CP_SYSTEM_TEST={marker}".encode() in environ.split(b"\0") and "State:\tZ" not in status:
-            found.append(int(entry.name))
-    return found
-
-
-def wait_until(check, timeout: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}")
+from tests.support.make_run import (
+    INTERNAL,
+    PORTS,
+    assert_ports_free,
+    ctrl_c,
+    database_dsn,
+    drop_databases,
+    own_databases,
+    port_in_use,
+    processes_with_marker,
+    start_system,
+    system_env,
+    wait_ready,
+    wait_until,
+)
 
 
 def ready(port: int) -> bool:
@@ -67,30 +40,12 @@ def ready(port: int) -> bool:
         return False
 
 
-def own_databases(run_id: str, name: str) -> dict[str, str]:
-    """The settings that keep a test's `make run` out of the developer's databases, Redis and broker."""
-    return {
-        "CREDITS_DATABASE_URL": f"{PG_BASE}/cp_test_{name}_credits_{run_id}",
-        "BILLING_DATABASE_URL": f"{PG_BASE}/cp_test_{name}_billing_{run_id}",
-        "REDIS_URL": REDIS_URL,
-        "REDIS_NAMESPACE": f"test-{run_id}-{name}",
-        "BROKER_NAMESPACE": f"test-{run_id}-{name}",
-    }
-
-
-def drop_databases(settings: dict[str, str]) -> None:
-    for var in ("CREDITS_DATABASE_URL", "BILLING_DATABASE_URL"):
-        with contextlib.suppress(Exception):
-            asyncio.run(drop_database(settings[var]))
-
-
 def accounts_named(database: str, user_id: str) -> int:
     """How many accounts `user_id` has in one database of this PostgreSQL (0 if there is no such database)."""
 
     async def count() -> int:
-        dsn = PG_BASE.replace("postgresql+asyncpg://", "postgresql://") + "/" + database
         try:
-            conn = await asyncpg.connect(dsn)
+            conn = await asyncpg.connect(database_dsn(database))
         except asyncpg.InvalidCatalogNameError:
             return 0
         try:
@@ -101,18 +56,6 @@ def accounts_named(database: str, user_id: str) -> int:
             await conn.close()
 
     return asyncio.run(count())
-
-
-def system_env(marker: str, settings: dict[str, str]) -> dict[str, str]:
-    env = {**os.environ, "CP_SYSTEM_TEST": marker, **settings}
-    for var in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "STRIPE_API_KEY", "DATABASE_URL", "PORT"):
-        env.pop(var, None)
-    return env
-
-
-def assert_ports_free() -> None:
-    busy = [f"{name} :{port}" for name, port in PORTS.items() if port_in_use(port)]
-    assert not busy, f"ports needed by make run are taken: {busy} (is another `make run` running?)"
 
 
 def assert_stopped_in_order(log: str) -> None:
@@ -131,15 +74,7 @@ def test_make_run_purchase_chat_and_clean_stop(tmp_path: Path, run_id: str) -> N
     settings = own_databases(run_id, "makerun")
     env = system_env(marker, settings)
     log_path = tmp_path / "make-run.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            ["make", "--no-print-directory", "run"],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = start_system(["make", "--no-print-directory", "run"], env, log_path)
     try:
 
         def all_ready() -> bool:
@@ -195,13 +130,7 @@ def test_make_run_purchase_chat_and_clean_stop(tmp_path: Path, run_id: str) -> N
         assert accounts_named(settings["CREDITS_DATABASE_URL"].rsplit("/", 1)[1], user) == 1
         assert accounts_named("credit_proxy_credits", user) == 0
     finally:
-        # Ctrl-C in a terminal signals the whole foreground process group.
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        if not ctrl_c(proc, timeout=60):
             pytest.fail("make run did not stop within 60 s of Ctrl-C")
 
     deadline = time.monotonic() + 10
@@ -230,23 +159,9 @@ def test_ctrl_c_stops_the_gateway_first_and_leaves_nothing_within_seconds(
             # Settlements linger long enough that Ctrl-C finds one queued.
             env = {**system_env(marker, settings), "SETTLE_LINGER_MS": "1000"}
             log_path = tmp_path / f"run-{attempt}.log"
-            with log_path.open("wb") as log:
-                proc = subprocess.Popen(
-                    [sys.executable, "deploy/run.py"],
-                    cwd=REPO_ROOT,
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
+            proc = start_system([sys.executable, "deploy/run.py"], env, log_path)
             try:
-                wait_until(
-                    lambda proc=proc, log_path=log_path: (
-                        proc.poll() is None and "Ctrl-C stops everything" in log_path.read_text()
-                    ),
-                    150,
-                    "make run to be ready",
-                )
+                wait_ready(proc, log_path)
                 user = f"ctrlc-{attempt}-{uuid.uuid4().hex[:6]}"
                 as_user = {**INTERNAL, "X-User-Id": user}
                 gateway = "http://127.0.0.1:8000"
@@ -259,14 +174,8 @@ def test_ctrl_c_stops_the_gateway_first_and_leaves_nothing_within_seconds(
                 )
                 assert chat.status_code == 200 and chat.headers["x-credits-charged"] == "1", chat.text
             finally:
-                # Ctrl-C in a terminal signals the foreground process group: run.py's.
                 stopped_at = time.monotonic()
-                if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGINT)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
+                ctrl_c(proc, timeout=30)
             while processes_with_marker(marker) and time.monotonic() - stopped_at < 30:
                 time.sleep(0.1)
             took = time.monotonic() - stopped_at
@@ -284,8 +193,7 @@ def test_ctrl_c_stops_the_gateway_first_and_leaves_nothing_within_seconds(
 
 def credits_usage(database: str, user_id: str) -> list[int]:
     async def amounts() -> list[int]:
-        dsn = PG_BASE.replace("postgresql+asyncpg://", "postgresql://") + "/" + database
-        conn = await asyncpg.connect(dsn)
+        conn = await asyncpg.connect(database_dsn(database))
         try:
             rows = await conn.fetch(
                 "SELECT amount FROM ledger_entries WHERE user_id = $1 AND type = 'usage'", user_id

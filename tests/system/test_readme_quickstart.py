@@ -1,13 +1,11 @@
 """The README's quick start, run as written: `make run`, then its curl lines and its `openai` SDK snippet,
 each a paid call for demo-user. Only the environment differs from a developer's terminal: the test's
-own databases, Redis namespace and broker names (see test_make_run.py)."""
+own databases, Redis namespace and broker names (see tests/support/make_run.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import uuid
@@ -15,16 +13,19 @@ from pathlib import Path
 
 import httpx
 
-from tests.support.servers import REPO_ROOT
-from tests.system.test_make_run import (
+from tests.support.make_run import (
     INTERNAL,
     assert_ports_free,
+    ctrl_c,
     drop_databases,
     own_databases,
     processes_with_marker,
+    start_system,
     system_env,
+    wait_ready,
     wait_until,
 )
+from tests.support.servers import REPO_ROOT
 
 
 def quick_start() -> tuple[list[str], str]:
@@ -49,21 +50,9 @@ def test_readme_quick_start_as_written(tmp_path: Path, run_id: str) -> None:
     settings = own_databases(run_id, "quickstart")
     env = system_env(marker, settings)
     log_path = tmp_path / "make-run.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            ["bash", "-c", shell[0]],  # terminal 1, as written
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = start_system(["bash", "-c", shell[0]], env, log_path)  # terminal 1, as written
     try:
-        wait_until(
-            lambda: proc.poll() is None and "Ctrl-C stops everything" in log_path.read_text(),
-            150,
-            "make run to be ready",
-        )
+        wait_ready(proc, log_path)
         account = "http://127.0.0.1:8000/v1/account"
         as_demo = {**INTERNAL, "X-User-Id": "demo-user"}
 
@@ -92,11 +81,6 @@ def test_readme_quick_start_as_written(tmp_path: Path, run_id: str) -> None:
 
         wait_until(charged_twice, 15, "the SDK call to be charged")
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        ctrl_c(proc, timeout=30)
         wait_until(lambda: not processes_with_marker(marker), 15, "make run to stop")
         drop_databases(settings)
