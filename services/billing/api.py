@@ -9,6 +9,8 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from pydantic import Field, field_validator
 
+from services.billing.catalog import Pack
+from services.billing.models import Purchase
 from services.billing.runtime import BillingRuntime
 from services.billing.store import BillingStore
 from services.billing.stripe_gateway import InvalidSignature, sign_webhook
@@ -56,9 +58,27 @@ class CheckoutBody(RequestBody):
 checkout_body = json_body(CheckoutBody)
 
 
+def pack_json(pack: Pack) -> dict[str, Any]:
+    body = pack.model_dump()
+    # A JSON number (2.5, 24.975), not a string; four decimals are plenty for display.
+    body["price_per_credit_cents"] = float(pack.price_per_credit_cents.normalize())
+    return body
+
+
+# Purchase fields of docs/api.md, Billing (plus a few extra, which the contract allows), in this order.
+_PURCHASE_FIELDS = (
+    "purchase_id pack credits amount_cents currency status created_at unlocks_api paid_at credits_refunded "
+    "amount_refunded_cents stripe_checkout_session_id"
+).split()
+
+
+def purchase_json(purchase: Purchase) -> dict[str, Any]:
+    return {name: getattr(purchase, name) for name in _PURCHASE_FIELDS}
+
+
 @router.get("/v1/packs")
 async def list_packs(rt: Runtime) -> dict[str, Any]:
-    return {"data": [pack.public() for pack in rt.catalog.by_price()]}
+    return {"data": [pack_json(pack) for pack in rt.catalog.by_price()]}
 
 
 @router.post("/v1/checkout/sessions", status_code=201, dependencies=[Internal])
@@ -88,7 +108,7 @@ async def list_purchases(
 ) -> dict[str, Any]:
     async with rt.engine.connect() as conn:
         purchases = await BillingStore(conn).purchases_of(user_id, limit)
-    return {"data": [p.public() for p in purchases]}
+    return {"data": [purchase_json(p) for p in purchases]}
 
 
 # -- local test mode (docs/api.md, Billing) ---------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
-from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -39,12 +38,6 @@ class Pack(BaseModel):
         return (Decimal(self.price_cents) / Decimal(self.credits)).quantize(
             Decimal("0.0001"), rounding=ROUND_HALF_UP
         )
-
-    def public(self) -> dict[str, Any]:
-        body = self.model_dump()
-        # A JSON number (2.5, 24.975), not a string; four decimals are plenty for display.
-        body["price_per_credit_cents"] = float(self.price_per_credit_cents.normalize())
-        return body
 
 
 BUILTIN_PACKS: tuple[Pack, ...] = (

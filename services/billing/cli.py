@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from services.billing.app import create_app
 from services.billing.catalog import CatalogError
 from services.billing.config import BillingSettings
+from services.billing.reconcile import ReconcileError, reconcile
 from shared.logs import configure_logging
 from shared.service import serve
 
@@ -48,8 +49,6 @@ def main(argv: list[str]) -> int:
         print(f"billing: invalid configuration:\n{exc}", file=sys.stderr)
         return 2
     configure_logging("billing", settings.log_level, json_format=False)
-    from services.billing.reconcile import ReconcileError, reconcile
-
     try:
         asyncio.run(reconcile(settings, args.since))
     except (ReconcileError, CatalogError) as exc:

@@ -45,20 +45,3 @@ class Purchase:
         row = asdict(self)
         row["created_at"] = self.created_at or datetime.now(UTC)
         return row
-
-    def public(self) -> dict[str, Any]:
-        """Purchase fields of docs/api.md, Billing (plus a few extra, which the contract allows)."""
-        return {
-            "purchase_id": self.purchase_id,
-            "pack": self.pack,
-            "credits": self.credits,
-            "amount_cents": self.amount_cents,
-            "currency": self.currency,
-            "status": self.status,
-            "created_at": self.created_at,
-            "unlocks_api": self.unlocks_api,
-            "paid_at": self.paid_at,
-            "credits_refunded": self.credits_refunded,
-            "amount_refunded_cents": self.amount_refunded_cents,
-            "stripe_checkout_session_id": self.stripe_checkout_session_id,
-        }

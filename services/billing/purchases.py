@@ -25,14 +25,12 @@ import logging
 import uuid
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from services.billing.catalog import Catalog
 from services.billing.models import CREDITED, Purchase, Status
+from services.billing.store import BillingStore
 from shared.events import PackPurchased, PackRefunded
-
-if TYPE_CHECKING:
-    from services.billing.store import BillingStore
 
 log = logging.getLogger("billing.purchases")
 

@@ -1,5 +1,8 @@
 """Reconciliation: Stripe can fail to deliver a webhook. List the paid Checkout Sessions since a date and
-push any whose purchase is not credited through the same domain path as a webhook (idempotent)."""
+push any whose purchase is not credited through the same domain path as a webhook (idempotent).
+
+A short-lived command: it builds its parts with `runtime.py`'s builders (a small engine, the Stripe
+client, a webhook receiver without the relay, which it drains once at the end)."""
 
 from __future__ import annotations
 
@@ -10,15 +13,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from services.billing.app import MIGRATIONS_DIR, build_relay
 from services.billing.catalog import load_catalog
 from services.billing.config import BillingSettings
 from services.billing.models import CREDITED
 from services.billing.purchases import metadata_of
+from services.billing.runtime import build_relay, migrate_if_asked, stripe_gateway
 from services.billing.store import BillingStore
-from services.billing.stripe_gateway import StripeGateway
 from services.billing.webhooks import WebhookReceiver
-from shared.db import create_engine, migrate
+from shared.db import create_engine
 
 
 class ReconcileError(Exception):
@@ -43,12 +45,11 @@ async def reconcile(
         raise ReconcileError(
             "reconcile talks to Stripe: set STRIPE_API_KEY (and STRIPE_API_BASE for a test server)"
         )
-    assert settings.stripe_api_key
     catalog = load_catalog(settings.packs_file)
-    if settings.auto_migrate:
-        await migrate(settings.database_url, MIGRATIONS_DIR)
+    await migrate_if_asked(settings)
     engine = create_engine(settings.database_url, pool_size=2)
-    gateway = StripeGateway(settings.stripe_api_key, settings.stripe_api_base)
+    gateway = stripe_gateway(settings)
+    assert gateway is not None
     receiver = WebhookReceiver(engine, catalog, settings.webhook_secret, None, gateway)
     repairs: list[Repair] = []
     checked = 0

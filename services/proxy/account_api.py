@@ -4,7 +4,7 @@ through to billing, and the portal's static files (§6.4)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.responses import FileResponse, Response
@@ -13,10 +13,8 @@ from shared.errors import InvalidRequest
 from shared.responses import JsonResponse
 
 from .callers import Caller
+from .runtime import Proxy
 from .upstream import loads_object
-
-if TYPE_CHECKING:
-    from .runtime import Proxy
 
 router = APIRouter()
 PORTAL_DIR = Path(__file__).resolve().parent / "portal"

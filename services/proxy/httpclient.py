@@ -339,7 +339,10 @@ class HttpPool:
 
 
 class StreamingCall:
-    """`async with pool.stream(...) as response:` then `async for chunk in response.iter_bytes()`."""
+    """One streamed exchange, owned by whoever opened it: `await call.open()` sends the request and
+    waits for the head, `iter_bytes()` hands the body over as it arrives, and `close()` (once, whether
+    `open` succeeded or not) gives the slot back and the connection to the pool when it was read to
+    the end. The upstream's `open_stream` opens one and hands it to the relay that reads it."""
 
     def __init__(
         self, pool: HttpPool, method: bytes, path: bytes, headers: Headers, body: bytes | None
@@ -348,25 +351,25 @@ class StreamingCall:
         self._args = (method, path, headers, body)
         self._conn: _Connection | None = None
         self._exchange: _Exchange | None = None
+        self._holds_slot = False
         self.status = 0
         self.headers: Headers = []
 
-    async def __aenter__(self) -> StreamingCall:
+    async def open(self) -> None:
         await self._pool._slots.acquire()
-        try:
-            self._conn, self._exchange = await self._pool._start(*self._args, streaming=True)
-        except BaseException:
-            self._pool._slots.release()
-            raise
+        self._holds_slot = True
+        self._conn, self._exchange = await self._pool._start(*self._args, streaming=True)
         self.status = self._exchange.status
         self.headers = self._exchange.headers
-        return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    def close(self) -> None:
+        if self._holds_slot:
+            self._holds_slot = False
+            self._pool._slots.release()
         conn, exchange = self._conn, self._exchange
-        self._pool._slots.release()
         if conn is None or exchange is None:
             return
+        self._conn = self._exchange = None
         if exchange.complete and exchange.error is None and not exchange.chunks:
             self._pool._release(conn)
         else:

@@ -35,7 +35,7 @@ from .metrics import (
     REQUESTS_REFUSED,
     SETTLEMENT_FAILURES,
 )
-from .pricing import Charge, Quote
+from .quote import Charge, Quote
 from .settlements import SettlementBatcher, SettlementParked, settlement_item
 
 log = logging.getLogger("proxy.metering")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from starlette.requests import Request
@@ -20,10 +20,8 @@ from .callers import CallerKind
 from .httpclient import StreamingCall, TransportError
 from .metering import Hold, credit_headers
 from .metrics import UPSTREAM_ERRORS
+from .runtime import Proxy
 from .upstream import loads_object
-
-if TYPE_CHECKING:
-    from .runtime import Proxy
 
 log = logging.getLogger("proxy.api")
 
@@ -161,7 +159,8 @@ class SseRelay(Response):
     upstream drop or stall, the client going away or stalling, cancellation), the hold settles at the
     cost of what was forwarded: the full price for a per-request model. Only an upstream that fails
     before any output makes it free. A client that leaves, or stops reading for longer than
-    `CLIENT_STALL_SECONDS`, is cut off and the upstream call closed.
+    `CLIENT_STALL_SECONDS`, is cut off and the upstream call closed. The relay owns the opened call:
+    it closes it when the stream ends, however it ends.
     """
 
     def __init__(self, proxy: Proxy, hold: Hold, call: StreamingCall) -> None:
@@ -266,7 +265,7 @@ class SseRelay(Response):
             pump.uncancel()
         finally:
             watcher.cancel()
-            await self.call.__aexit__(None, None, None)
+            self.call.close()
             # Charged once forwarded, unless the upstream failed before any output.
             served = client_gone or self.output_events > 0 or (self.completed and not upstream_failed)
             charge = self.hold.quote.charge(self.usage, self.output_events) if served else None

@@ -1,14 +1,21 @@
-"""The proxy's long-lived objects (pools, caches, the meter), built once per process from the settings
-and closed at its end. The app (`app.py`) and the worker use them; route modules import this type,
-never the app."""
+"""The proxy's long-lived objects (pools, caches, the meter, the worker's Redis and broker connection),
+built once per process from the settings, started and closed here. The app (`app.py`) composes them
+with the routes and the worker; route modules and the worker import this type, never the app."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from aio_pika.abc import AbstractRobustConnection
+
+from shared.broker import connect
+from shared.redis_client import AnyRedis, probe, redis_client
 from shared.redis_holds import RedisHolds
+from shared.web import ReadinessCheck
 
 from .callers import Authenticator
 from .client_watch import ClientWatch
@@ -17,6 +24,8 @@ from .downstream import BillingClient, CreditsClient
 from .metering import Meter
 from .pricing import PricingTable
 from .upstream import Upstream
+
+log = logging.getLogger("proxy.runtime")
 
 
 @dataclass
@@ -32,6 +41,10 @@ class Proxy:
     meter: Meter
     # Clients that leave while their requests wait for the upstream.
     client_watch: ClientWatch = field(default_factory=lambda: ClientWatch())
+    # Opened by `start`: the worker's job records (REDIS_CLUSTER picks the kind of client, like for
+    # the holds) and the broker connection (None when RabbitMQ was unreachable at start).
+    redis: AnyRedis | None = None
+    broker: AbstractRobustConnection | None = None
 
     @classmethod
     def build(cls, settings: ProxySettings) -> Proxy:
@@ -74,7 +87,39 @@ class Proxy:
             ),
         )
 
-    async def aclose(self) -> None:
+    async def start(self) -> None:
+        self.redis = redis_client(self.settings)
+        try:
+            self.broker = await connect(self.settings.rabbitmq_url, "proxy")
+        except Exception:
+            log.exception("cannot reach RabbitMQ at start; the worker is off until restart")
+
+    def readiness_checks(self) -> dict[str, ReadinessCheck]:
+        assert self.redis is not None, "started"
+        return {
+            "credits": self._credits_ready,
+            "broker": self._broker_ready,
+            "redis": functools.partial(probe, self.redis, self.settings.redis_namespace),
+        }
+
+    async def _credits_ready(self) -> None:
+        response = await self.credits.call(b"GET", "/healthz")
+        if response.status != 200:
+            raise RuntimeError(f"credits answered {response.status}")
+
+    async def _broker_ready(self) -> None:
+        if self.broker is None or self.broker.is_closed:
+            raise RuntimeError("no broker connection")
+
+    async def aclose(self, drain_seconds: float) -> None:
+        """Settles what it can within `drain_seconds` (sent, or parked in credits' Redis when credits is
+        gone), then closes everything `build` and `start` opened."""
+        await self.meter.drain(drain_seconds)
+        if self.broker is not None:
+            with contextlib.suppress(Exception):
+                await self.broker.close()
+        if self.redis is not None:
+            await self.redis.aclose()  # type: ignore[attr-defined]
         self.client_watch.close()
         clients: list[Any] = [self.credits, self.billing, self.upstream]
         if self.meter.redis_holds is not None:

@@ -68,12 +68,6 @@ def rejection(status: int, body: bytes) -> UpstreamRejected:
     )
 
 
-def failure(operation: str, response_status: int) -> AppError:
-    """An upstream error answer mapped as docs/api.md (Proxy) says (5xx → 502)."""
-    UPSTREAM_ERRORS.labels(operation, str(response_status)).inc()
-    return UpstreamError(f"The upstream AI provider failed (HTTP {response_status}).")
-
-
 class Upstream:
     def __init__(self, base_url: str, api_key: str | None, timeout: float, max_connections: int) -> None:
         headers = [(b"authorization", f"Bearer {api_key}".encode())] if api_key else []
@@ -91,50 +85,50 @@ class Upstream:
                     response = await self.pool.request(b"GET", PATHS[operation])
                 else:
                     response = await self.pool.request(b"POST", PATHS[operation], headers=(_JSON,), body=body)
-        except TimeoutError:
-            UPSTREAM_ERRORS.labels(operation, "timeout").inc()
-            raise UpstreamTimeout() from None
-        except TransportError as exc:
-            UPSTREAM_ERRORS.labels(operation, "unreachable").inc()
-            raise UpstreamError(f"The upstream AI provider is unreachable: {exc}") from None
+        except (TimeoutError, TransportError) as exc:
+            raise self._unreachable(operation, exc) from None
         self._latency[operation].observe(time.perf_counter() - started)
         status = response.status
         if status < 300:
             return response
         raise self._error(operation, status, response.body)
 
-    def _error(self, operation: str, status: int, body: bytes) -> AppError:
-        if 400 <= status < 500:
-            UPSTREAM_ERRORS.labels(operation, str(status)).inc()
-            return rejection(status, body)
-        return failure(operation, status)
-
     async def open_stream(self, operation: str, body: bytes) -> StreamingCall:
-        """Starts a streamed call and waits (within the timeout) for its head; the caller reads the
-        events and must `close_stream` it. Errors are raised as in `call`."""
+        """Starts a streamed call and waits (within the timeout) for its head. Errors are raised as in
+        `call`, the call closed; the call returned is the caller's to read and to `close()`."""
         started = time.perf_counter()
         call = self.pool.stream(b"POST", PATHS[operation], headers=(_JSON,), body=body)
-        try:
-            async with asyncio.timeout(self.timeout):
-                await call.__aenter__()
-                if call.status >= 300:
-                    error_body = await call.read()
-        except TimeoutError:
-            await call.__aexit__(None, None, None)
-            UPSTREAM_ERRORS.labels(operation, "timeout").inc()
-            raise UpstreamTimeout() from None
-        except TransportError as exc:
-            await call.__aexit__(None, None, None)
-            UPSTREAM_ERRORS.labels(operation, "unreachable").inc()
-            raise UpstreamError(f"The upstream AI provider is unreachable: {exc}") from None
+        try:  # closed here whatever fails before it is handed over
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await call.open()
+                    error_body = await call.read() if call.status >= 300 else b""
+            except (TimeoutError, TransportError) as exc:
+                raise self._unreachable(operation, exc) from None
+            self._latency[operation].observe(time.perf_counter() - started)
+            if call.status >= 300:
+                raise self._error(operation, call.status, error_body)
         except BaseException:
-            await call.__aexit__(None, None, None)
+            call.close()
             raise
-        self._latency[operation].observe(time.perf_counter() - started)
-        if call.status >= 300:
-            await call.__aexit__(None, None, None)
-            raise self._error(operation, call.status, error_body)
         return call
+
+    @staticmethod
+    def _unreachable(operation: str, exc: TimeoutError | TransportError) -> AppError:
+        """No answer within the timeout (504), or none at all (502), as docs/api.md (Proxy) says."""
+        if isinstance(exc, TimeoutError):
+            UPSTREAM_ERRORS.labels(operation, "timeout").inc()
+            return UpstreamTimeout()
+        UPSTREAM_ERRORS.labels(operation, "unreachable").inc()
+        return UpstreamError(f"The upstream AI provider is unreachable: {exc}")
+
+    @staticmethod
+    def _error(operation: str, status: int, body: bytes) -> AppError:
+        """An upstream error answer: 4xx passed on with upstream's message, anything else a 502."""
+        UPSTREAM_ERRORS.labels(operation, str(status)).inc()
+        if 400 <= status < 500:
+            return rejection(status, body)
+        return UpstreamError(f"The upstream AI provider failed (HTTP {status}).")
 
     async def aclose(self) -> None:
         await self.pool.aclose()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote as url_quote
 
 import orjson
@@ -33,13 +33,11 @@ from shared.events import AiJobCompleted, AiJobFailed, AiJobRequest, Event, JobE
 from shared.redis_client import AnyRedis
 
 from .downstream import DownstreamError
+from .metering import Hold
 from .metrics import CREDITS_CHARGED, JOBS
-from .pricing import Quote
+from .quote import Quote
+from .runtime import Proxy
 from .upstream import loads_object
-
-if TYPE_CHECKING:
-    from .metering import Hold
-    from .runtime import Proxy
 
 log = logging.getLogger("proxy.worker")
 QUEUE = "ai.requests"

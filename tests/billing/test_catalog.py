@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from services.billing.api import pack_json
 from services.billing.catalog import CatalogError, load_catalog
 from tests.support.billing_service import RunningBilling
 from tests.support.servers import REPO_ROOT
@@ -44,7 +45,7 @@ def test_legacy_catalog_file_loads() -> None:
     assert (packs["basic"].credits, packs["basic"].price_cents) == (40, 999)
     assert packs["premium"].badge == "Best Value"
     assert [p.id for p in catalog.by_price() if p.unlocks_api] == ["pro", "enterprise"]
-    assert packs["basic"].public()["price_per_credit_cents"] == 24.975
+    assert pack_json(packs["basic"])["price_per_credit_cents"] == 24.975
 
 
 @pytest.mark.parametrize(

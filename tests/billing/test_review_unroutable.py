@@ -14,8 +14,8 @@ import pytest
 from aio_pika.exceptions import PublishError
 from sqlalchemy import text
 
-from services.billing.app import MIGRATIONS_DIR, build_relay
 from services.billing.config import BillingSettings
+from services.billing.runtime import MIGRATIONS_DIR, build_relay
 from shared.broker import Topology, declare_topology
 from shared.db import create_engine, migrate
 from shared.events import PackPurchased

@@ -8,7 +8,7 @@ import math
 import openai
 import pytest
 
-from services.proxy.pricing import estimate_input_tokens
+from services.proxy.quote import estimate_input_tokens
 from tests.proxy.conftest import Credits, another_proxy, sdk_for
 
 

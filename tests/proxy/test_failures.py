@@ -10,7 +10,7 @@ import openai
 import orjson
 import pytest
 
-from services.proxy.pricing import estimate_input_tokens
+from services.proxy.quote import estimate_input_tokens
 from tests.openai_schema import CHAT_COMPLETION_CHUNK, validate
 from tests.proxy.conftest import Credits, another_proxy, sdk_for
 

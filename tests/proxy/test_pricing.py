@@ -9,15 +9,9 @@ from typing import Any
 import orjson
 import pytest
 
-from services.proxy.pricing import (
-    DEFAULT_PRICE,
-    Price,
-    PricingError,
-    PricingTable,
-    Quote,
-    apply_output_cap,
-    estimate_input_tokens,
-)
+from services.proxy.prices import DEFAULT_PRICE, Price, PricingError
+from services.proxy.pricing import PricingTable
+from services.proxy.quote import Quote, apply_output_cap, estimate_input_tokens
 
 CONTRACT_EXAMPLE = """
 default: {per_request: 1}

@@ -9,7 +9,9 @@ from typing import Any
 import orjson
 import pytest
 
-from services.proxy.pricing import Price, PricingTable, Quote
+from services.proxy.prices import Price
+from services.proxy.pricing import PricingTable
+from services.proxy.quote import Quote
 from shared.errors import InvalidRequest
 from tests.proxy.conftest import Credits
 
