@@ -24,11 +24,11 @@ from services.credits.config import CreditsSettings
 from services.credits.consumers import QUEUE, ROUTING_KEYS, BillingEventsConsumer
 from services.credits.holds import Holds
 from services.credits.ledger import Clock, Ledger, utcnow
-from services.credits.outbox import OutboxRelay
 from services.credits.sweeper import Sweeper
-from shared.broker import Publisher, Topology, connect, consume
+from shared.broker import Topology, connect, consume
 from shared.db import create_hot_pool, engine_for, ensure_database, migrate
 from shared.errors import ServiceUnavailable, error_response
+from shared.outbox import OutboxRelay
 from shared.redis_client import REDIS_ERRORS, AnyRedis, redis_client
 from shared.responses import JsonResponse
 from shared.static_files import CompressedStaticFiles
@@ -84,9 +84,16 @@ class Runtime:
         connection = None
         if broker:
             connection = await connect(settings.rabbitmq_url, "credits")
-            relay = OutboxRelay(engine, Publisher(connection, Topology(settings.broker_namespace)))
+            # Credits' events are for whoever listens (no queue of ours takes them): one that no queue
+            # would receive is dropped, not kept pending (require_route stays off).
+            relay = OutboxRelay(
+                engine,
+                broker_url=settings.rabbitmq_url,
+                topology=Topology(settings.broker_namespace),
+                connection_name="credits-outbox-relay",
+            )
         ledger = Ledger(
-            engine, pool, holds, settings, on_outbox=relay.kick if relay else lambda: None, clock=clock
+            engine, pool, holds, settings, on_outbox=relay.wake if relay else lambda: None, clock=clock
         )
         await ledger.start()
         runtime = cls(
@@ -148,8 +155,8 @@ class Runtime:
         await self.ledger.close()
         if self.relay is not None:
             with contextlib.suppress(Exception):
-                await self.relay.publish_pending()
-            await self.relay.close()
+                await self.relay.drain()
+            await self.relay.stop()
         if self.connection is not None:
             with contextlib.suppress(Exception):
                 await self.connection.close()
@@ -180,6 +187,8 @@ def create_app(settings: CreditsSettings, *, clock: Clock = utcnow) -> FastAPI:
                 raise ConnectionError("broker reconnecting")
 
         app.state.readiness_checks.update({"database": database, "redis": redis, "broker": broker})
+        if runtime.relay is not None and settings.run_background_tasks:
+            app.state.readiness_checks["outbox"] = runtime.relay.check
         try:
             yield
         finally:
