@@ -141,6 +141,7 @@ class OutboxRelay:
         self._require_route = require_route
         self._connection: AbstractRobustConnection | None = None
         self._publisher: Publisher | None = None
+        self._connected_url: str | None = None  # the broker `_connection` was opened to
         self._wakeup = asyncio.Event()
         self._reconfigured = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -248,11 +249,13 @@ class OutboxRelay:
         OUTBOX_LAG.labels(self._table).set(age)
 
     async def _ensure_connected(self) -> Publisher:
-        if self._reconfigured.is_set():
+        # The run loop clears `_reconfigured` before it drains, so a new URL is told by the URL itself.
+        if self._connected_url != self._broker_url:
             await self._disconnect()
         if self._publisher is None or self._connection is None or self._connection.is_closed:
             await self._disconnect()
             self._connection = await connect(self._broker_url, self._connection_name)
+            self._connected_url = self._broker_url
             self._publisher = Publisher(
                 self._connection, self._topology, on_return_raises=self._require_route
             )
@@ -260,6 +263,7 @@ class OutboxRelay:
 
     async def _disconnect(self) -> None:
         connection, self._connection, self._publisher = self._connection, None, None
+        self._connected_url = None
         if connection is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(connection.close(), 5)
