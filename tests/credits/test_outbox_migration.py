@@ -5,8 +5,6 @@ credits_commit's old definition."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -15,14 +13,12 @@ import aio_pika
 import asyncpg
 import orjson
 import pytest
-from alembic import command
-from sqlalchemy.engine import make_url
 
-from services.credits.app import MIGRATIONS_DIR
 from shared.broker import Topology, declare_topology
-from shared.db import alembic_config, create_engine, ensure_database
+from shared.db import create_engine
 from shared.outbox import OutboxRelay, create_table_sql
 from tests.conftest import eventually
+from tests.credits.helpers import database_at, migrate_to
 
 BEFORE = "0006_analytics_facts"
 COMMIT_DEFINITION = "SELECT pg_get_functiondef('credits_commit(uuid, bigint, timestamptz, bigint, jsonb, jsonb)'::regprocedure)"
@@ -31,18 +27,8 @@ COMMIT_DEFINITION = "SELECT pg_get_functiondef('credits_commit(uuid, bigint, tim
 @pytest.fixture
 async def db(make_database_url: Callable[[str], str]) -> AsyncIterator[tuple[str, asyncpg.Connection]]:
     url = make_database_url("outbox_migration")
-    await ensure_database(url)
-    await migrate_to(url, BEFORE)
-    conn = await asyncpg.connect(
-        make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-    )
-    yield url, conn
-    await conn.close()
-
-
-async def migrate_to(url: str, revision: str, *, down: bool = False) -> None:
-    cfg = alembic_config(url, MIGRATIONS_DIR)
-    await asyncio.to_thread(command.downgrade if down else command.upgrade, cfg, revision)
+    async with database_at(url, BEFORE) as conn:
+        yield url, conn
 
 
 def _body(user: str) -> dict[str, Any]:
@@ -87,11 +73,12 @@ async def _shared_rows(conn: asyncpg.Connection) -> list[tuple[Any, ...]]:
 async def test_rows_carried_over_published_by_the_shared_relay_and_the_downgrade_round_trips(
     db: tuple[str, asyncpg.Connection],
     rabbitmq_url: str,
+    topology: Topology,
     amqp_connection: aio_pika.abc.AbstractRobustConnection,
 ) -> None:
     url, conn = db
     old_commit = await conn.fetchval(COMMIT_DEFINITION)
-    traced, untraced, blank, published = (_body(f"u-{n}") for n in range(4))
+    traced, untraced, blank, published = (_body(f"u-{uuid.uuid4().hex[:12]}") for _ in range(4))
     for body, request_id, sent in (
         (published, "rid-sent", True),
         (traced, "rid-pending", False),
@@ -145,15 +132,19 @@ async def test_rows_carried_over_published_by_the_shared_relay_and_the_downgrade
 
     # The shared relay publishes the three pending rows in order, as the old relay would have: the
     # body's event id as message id, the request id (when there was one) as x-request-id.
-    namespace = f"outbox-migration-{uuid.uuid4().hex[:8]}"
+    users = {b["user_id"] for b in (traced, untraced, blank, published)}
     channel = await amqp_connection.channel()
-    exchange = await declare_topology(channel, Topology(namespace))
     queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-    await queue.bind(exchange, routing_key="credits.#")
+    await queue.bind(await declare_topology(channel, topology), routing_key="credits.balance.low")
     received: list[aio_pika.abc.AbstractIncomingMessage] = []
-    await queue.consume(received.append, no_ack=True)
+
+    async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        if orjson.loads(message.body)["user_id"] in users:  # not the events of other tests' services
+            received.append(message)
+
+    await queue.consume(on_message, no_ack=True)
     engine = create_engine(url, pool_size=2)
-    relay = OutboxRelay(engine, broker_url=rabbitmq_url, topology=Topology(namespace))
+    relay = OutboxRelay(engine, broker_url=rabbitmq_url, topology=topology)
     try:
         assert await relay.drain() == 3
         await eventually(lambda: len(received) == 3, timeout=10)
@@ -164,8 +155,4 @@ async def test_rows_carried_over_published_by_the_shared_relay_and_the_downgrade
     finally:
         await relay.stop()
         await engine.dispose()
-        with contextlib.suppress(Exception):
-            for name in (f"credit_proxy.events.{namespace}", f"credit_proxy.dlx.{namespace}"):
-                await channel.exchange_delete(name)
-            await channel.queue_delete(f"credit_proxy.dead_letters.{namespace}")
         await channel.close()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import aio_pika
 import httpx
@@ -17,38 +17,19 @@ import pytest
 from shared.broker import Topology, declare_topology
 from shared.outbox import OutboxRelay
 from tests.conftest import eventually
-from tests.support.credits_service import CreditsService, running_credits
+from tests.support.credits_service import running_credits
 from tests.support.servers import free_port
 
 
-async def _none_pending(relay: OutboxRelay) -> bool:
-    return (await relay.pending())[0] == 0
-
-
-@pytest.fixture
-async def credits_service(
-    make_database_url: Callable[[str], str], redis_url: str, broker_namespace: str
-) -> AsyncIterator[CreditsService]:
-    async with running_credits(
-        database_url=make_database_url("credits_outbox_relay"),
-        redis_url=redis_url,
-        broker_namespace=broker_namespace,
-        run_consumer=False,
-    ) as service:
-        yield service
-
-
 async def test_balance_low_waits_out_a_broker_outage_in_the_outbox(
-    credits_service: CreditsService,
+    make_database_url: Callable[[str], str],
+    redis_url: str,
+    broker_namespace: str,
     rabbitmq_url: str,
     topology: Topology,
     amqp_connection: aio_pika.abc.AbstractRobustConnection,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    relay: OutboxRelay = credits_service.app.state.runtime.relay
-    channel = await amqp_connection.channel()
-    queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-    await queue.bind(await declare_topology(channel, topology), routing_key="credits.balance.low")
     user_id = f"u-{uuid.uuid4().hex[:12]}"
     low: list[dict[str, object]] = []
 
@@ -57,19 +38,31 @@ async def test_balance_low_waits_out_a_broker_outage_in_the_outbox(
         if body.get("user_id") == user_id:
             low.append(body)
 
+    channel = await amqp_connection.channel()
+    queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+    await queue.bind(await declare_topology(channel, topology), routing_key="credits.balance.low")
     await queue.consume(on_message, no_ack=True)
-    async with httpx.AsyncClient(
-        base_url=credits_service.url, headers=credits_service.headers, timeout=30
-    ) as client:
+    async with (
+        running_credits(
+            database_url=make_database_url("credits_outbox_relay"),
+            redis_url=redis_url,
+            broker_namespace=broker_namespace,
+            run_consumer=False,
+        ) as service,
+        httpx.AsyncClient(base_url=service.url, headers=service.headers, timeout=30) as client,
+    ):
+        relay: OutboxRelay = service.app.state.runtime.relay
 
-        async def checks() -> dict[str, str]:
+        async def readiness() -> dict[str, str]:
             return dict((await client.get("/readyz")).json()["checks"])
 
-        async def ready() -> bool:
-            return (await checks())["outbox"] == "ok"
+        async def outbox_ready() -> bool:
+            return (await readiness())["outbox"] == "ok"
 
-        await eventually(ready, timeout=10)
+        async def none_pending() -> bool:
+            return (await relay.pending())[0] == 0
 
+        await eventually(outbox_ready, timeout=10)
         relay.set_broker_url(f"amqp://guest:guest@127.0.0.1:{free_port()}/")  # nothing listens there
         await eventually(lambda: relay.last_error and "Connect" in relay.last_error, timeout=10)
         answer = await client.get("/readyz")
@@ -95,8 +88,8 @@ async def test_balance_low_waits_out_a_broker_outage_in_the_outbox(
 
         relay.set_broker_url(rabbitmq_url)
         await eventually(lambda: low, timeout=30)
-        await eventually(lambda: _none_pending(relay), timeout=10)
-        await eventually(ready, timeout=10)
+        await eventually(none_pending, timeout=10)
+        await eventually(outbox_ready, timeout=10)
     await asyncio.sleep(0.5)
     assert [(e["credits_remaining"], e["threshold"]) for e in low] == [(4, 5)]
     await channel.close()
