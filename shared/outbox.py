@@ -1,7 +1,8 @@
 """Transactional outbox: events written in the caller's database transaction, published later.
 
-A service that must never lose a message (billing's "pack purchased") writes the event row in the same
-PostgreSQL transaction as the state change it reports (`enqueue`). `OutboxRelay` runs beside the web
+A service that must never lose a message (billing's "pack purchased", credits' events) writes the event
+row in the same PostgreSQL transaction as the state change it reports (`enqueue`; credits' commit
+function inserts `credits.balance.low` rows itself, in this layout). `OutboxRelay` runs beside the web
 app: it takes pending rows with `FOR UPDATE SKIP LOCKED` (so several processes can relay the same
 table without publishing a row twice at once), publishes them in order on a confirm-mode channel, and
 marks them sent only after the broker confirmed. When the broker is unreachable the rows simply wait,
