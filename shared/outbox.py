@@ -1,7 +1,8 @@
 """Transactional outbox: events written in the caller's database transaction, published later.
 
-A service that must never lose a message (billing's "pack purchased") writes the event row in the same
-PostgreSQL transaction as the state change it reports (`enqueue`). `OutboxRelay` runs beside the web
+A service that must never lose a message (billing's "pack purchased", credits' events) writes the event
+row in the same PostgreSQL transaction as the state change it reports (`enqueue`; credits' commit
+function inserts `credits.balance.low` rows itself, in this layout). `OutboxRelay` runs beside the web
 app: it takes pending rows with `FOR UPDATE SKIP LOCKED` (so several processes can relay the same
 table without publishing a row twice at once), publishes them in order on a confirm-mode channel, and
 marks them sent only after the broker confirmed. When the broker is unreachable the rows simply wait,
@@ -141,6 +142,7 @@ class OutboxRelay:
         self._require_route = require_route
         self._connection: AbstractRobustConnection | None = None
         self._publisher: Publisher | None = None
+        self._connected_url: str | None = None  # the broker `_connection` was opened to
         self._wakeup = asyncio.Event()
         self._reconfigured = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -248,11 +250,13 @@ class OutboxRelay:
         OUTBOX_LAG.labels(self._table).set(age)
 
     async def _ensure_connected(self) -> Publisher:
-        if self._reconfigured.is_set():
+        # The run loop clears `_reconfigured` before it drains, so a new URL is told by the URL itself.
+        if self._connected_url != self._broker_url:
             await self._disconnect()
         if self._publisher is None or self._connection is None or self._connection.is_closed:
             await self._disconnect()
             self._connection = await connect(self._broker_url, self._connection_name)
+            self._connected_url = self._broker_url
             self._publisher = Publisher(
                 self._connection, self._topology, on_return_raises=self._require_route
             )
@@ -260,6 +264,7 @@ class OutboxRelay:
 
     async def _disconnect(self) -> None:
         connection, self._connection, self._publisher = self._connection, None, None
+        self._connected_url = None
         if connection is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(connection.close(), 5)

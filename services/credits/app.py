@@ -51,6 +51,8 @@ def create_app(settings: CreditsSettings, *, clock: Clock = utcnow) -> FastAPI:
                 raise ConnectionError("broker reconnecting")
 
         app.state.readiness_checks.update({"database": database, "redis": redis, "broker": broker})
+        if runtime.relay is not None and settings.run_background_tasks:
+            app.state.readiness_checks["outbox"] = runtime.relay.check
         try:
             yield
         finally:

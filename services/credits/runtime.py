@@ -23,14 +23,14 @@ from services.credits.consumers import QUEUE, ROUTING_KEYS, BillingEventsConsume
 from services.credits.expiry import Expiry
 from services.credits.holds import Holds
 from services.credits.mirror import Mirror
-from services.credits.outbox import OutboxRelay
 from services.credits.pending import PendingSettlements
 from services.credits.purchases import Purchases
 from services.credits.reservations import Reservations
 from services.credits.settlements import Settlements
 from services.credits.sweeper import Sweeper
-from shared.broker import Publisher, Topology, connect, consume
+from shared.broker import Topology, connect, consume
 from shared.db import create_hot_pool, engine_for, ensure_database, migrate
+from shared.outbox import OutboxRelay
 from shared.redis_client import AnyRedis, redis_client
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -87,8 +87,15 @@ class Runtime:
         connection = None
         if broker:
             connection = await connect(settings.rabbitmq_url, "credits")
-            relay = OutboxRelay(engine, Publisher(connection, Topology(settings.broker_namespace)))
-        on_outbox = relay.kick if relay else lambda: None
+            # Credits' events are for whoever listens (no queue of ours takes them): one that no queue
+            # would receive is dropped, not kept pending (require_route stays off).
+            relay = OutboxRelay(
+                engine,
+                broker_url=settings.rabbitmq_url,
+                topology=Topology(settings.broker_namespace),
+                connection_name="credits-outbox-relay",
+            )
+        on_outbox = relay.wake if relay else lambda: None
         mirror = Mirror(engine, holds, clock)
         accounts = Accounts(mirror, settings, on_outbox=on_outbox)
         reservations = Reservations(mirror, pool, settings)
@@ -169,8 +176,8 @@ class Runtime:
         await self.settlements.close()
         if self.relay is not None:
             with contextlib.suppress(Exception):
-                await self.relay.publish_pending()
-            await self.relay.close()
+                await self.relay.drain()
+            await self.relay.stop()
         if self.connection is not None:
             with contextlib.suppress(Exception):
                 await self.connection.close()

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import httpx
+from alembic import command
+from sqlalchemy.engine import make_url
 
 from services.credits.holds import Holds
+from services.credits.runtime import MIGRATIONS_DIR
+from shared.db import alembic_config, ensure_database
 from tests.support.credits_service import CreditsService
 
 
@@ -97,3 +102,23 @@ class Checker:
             assert acct["credits_remaining"] == s["account"]["balance"] - held, (acct, s["account"], held)
             assert acct["credits_reserved"] == held
         return s
+
+
+async def migrate_to(url: str, revision: str, *, down: bool = False) -> None:
+    """Moves the database at `url` to `revision` of credits' migrations (down to it with `down`)."""
+    cfg = alembic_config(url, MIGRATIONS_DIR)
+    await asyncio.to_thread(command.downgrade if down else command.upgrade, cfg, revision)
+
+
+@contextlib.asynccontextmanager
+async def database_at(url: str, revision: str) -> AsyncIterator[asyncpg.Connection]:
+    """A new database at `revision` of credits' migrations, and a connection to it."""
+    await ensure_database(url)
+    await migrate_to(url, revision)
+    conn = await asyncpg.connect(
+        make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    )
+    try:
+        yield conn
+    finally:
+        await conn.close()

@@ -4,33 +4,19 @@ daily rollups, and the downgrade back to 0005."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
 
 import asyncpg
 import pytest
-from alembic import command
-from sqlalchemy.engine import make_url
 
-from services.credits.runtime import MIGRATIONS_DIR
-from shared.db import alembic_config, ensure_database
+from tests.credits.helpers import database_at, migrate_to
 
 
 @pytest.fixture
 async def db(make_database_url: Callable[[str], str]) -> AsyncIterator[tuple[str, asyncpg.Connection]]:
     url = make_database_url("analytics_facts")
-    await ensure_database(url)
-    await asyncio.to_thread(command.upgrade, alembic_config(url, MIGRATIONS_DIR), "0005_w15")
-    conn = await asyncpg.connect(
-        make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-    )
-    yield url, conn
-    await conn.close()
-
-
-async def migrate_to(url: str, revision: str, *, down: bool = False) -> None:
-    cfg = alembic_config(url, MIGRATIONS_DIR)
-    await asyncio.to_thread(command.downgrade if down else command.upgrade, cfg, revision)
+    async with database_at(url, "0005_w15") as conn:
+        yield url, conn
 
 
 async def tiers(conn: asyncpg.Connection) -> dict[str, int]:
