@@ -9,13 +9,23 @@ from pathlib import Path
 import pytest
 
 
-def make_browser(repo_root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def stand_ins(folder: Path, *names: str) -> str:
+    """Executables that do nothing, so that the machine's own packages don't decide what is missing."""
+    for name in names:
+        tool = folder / name
+        tool.write_text("#!/bin/sh\n")
+        tool.chmod(0o755)
+    return f"{folder}:/usr/bin:/bin"
+
+
+def make_browser(repo_root: Path, path: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["make", "--no-print-directory", "-s", "browser", *args],
         cwd=repo_root,
         capture_output=True,
         text=True,
         timeout=60,
+        env={"PATH": path},
     )
 
 
@@ -29,26 +39,17 @@ def make_browser(repo_root: Path, *args: str) -> subprocess.CompletedProcess[str
         ),
     ],
 )
-def test_says_why_it_skips_and_carries_on(repo_root: Path, args: list[str], reason: str) -> None:
-    done = make_browser(repo_root, "CHROMIUM=/nonexistent/chromium", *args)
+def test_says_why_it_skips_and_carries_on(
+    repo_root: Path, tmp_path: Path, args: list[str], reason: str
+) -> None:
+    path = stand_ins(tmp_path, "docker-compose", "pgbouncer")
+    done = make_browser(repo_root, path, "CHROMIUM=/nonexistent/chromium", *args)
     assert done.returncode == 0, done.stderr
     assert reason in done.stdout
     assert "the tests that need them (browser, docker-compose, PgBouncer) will be skipped" in done.stdout
 
 
 def test_says_nothing_when_everything_is_there(repo_root: Path, tmp_path: Path) -> None:
-    chromium = tmp_path / "chromium"
-    chromium.write_text("#!/bin/sh\n")
-    chromium.chmod(0o755)
-    compose = tmp_path / "docker-compose"
-    compose.write_text("#!/bin/sh\n")
-    compose.chmod(0o755)
-    done = subprocess.run(
-        ["make", "--no-print-directory", "-s", "browser", f"CHROMIUM={chromium}"],
-        cwd=repo_root,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PATH": f"{tmp_path}:/usr/bin:/bin"},
-    )
+    path = stand_ins(tmp_path, "chromium", "docker-compose", "pgbouncer")
+    done = make_browser(repo_root, path, f"CHROMIUM={tmp_path / 'chromium'}")
     assert done.returncode == 0 and done.stdout == "", done.stdout
