@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.credits import analytics, metrics, store
 from services.credits.config import CreditsSettings
-from services.credits.holds import Holds, ReserveOutcome, Snapshot
+from services.credits.holds import Holds
 from services.credits.store import NewHold, Reservation
 from services.credits.writer import CommitWriter, HoldWriter, Persisted
 from shared.errors import (
@@ -36,6 +36,7 @@ from shared.errors import (
     ServiceUnavailable,
 )
 from shared.events import ApiAccessUnlocked, BalanceLow, PackPurchased, PackRefunded, PurchaseApplied
+from shared.holds.protocol import ReserveOutcome, Snapshot
 
 log = logging.getLogger("credits.ledger")
 

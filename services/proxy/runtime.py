@@ -8,7 +8,7 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.redis_holds import RedisHolds
+from shared.holds.fast_path import RedisHolds
 
 from .callers import Authenticator
 from .client_watch import ClientWatch
