@@ -40,6 +40,7 @@ from shared.settings import RedisSettings
 log = logging.getLogger("shared.holds.fast_path")
 
 REDIS_UNAVAILABLE: tuple[type[Exception], ...] = (*REDIS_ERRORS, OSError, TimeoutError)
+_HELD = ReserveStatus.HELD  # looked up once (an enum member's lookup costs 0.1 µs on Python 3.11)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +133,7 @@ class RedisHolds:
             return None
         self._skip_until = 0.0
         outcome = reserve_outcome(reply)
-        if outcome.status is not ReserveStatus.HELD:
+        if outcome.status is not _HELD:
             return None
         return PlacedHold(
             reservation_id, user_id, outcome.held, outcome.available, outcome.epoch, deadline_ms
