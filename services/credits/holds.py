@@ -27,6 +27,7 @@ from shared.holds.protocol import (
     ReserveOutcome,
     Snapshot,
     apply_available,
+    as_text,
     confirm_stands,
     deadline_index_key,
     load_available,
@@ -41,10 +42,6 @@ from shared.holds.protocol import (
     view_snapshot,
 )
 from shared.redis_client import AnyRedis, probe
-
-
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class Holds:
@@ -202,7 +199,7 @@ class Holds:
         )
         out = []
         for m in members:
-            member = _s(m)
+            member = as_text(m)
             user_id, _, rid = member.partition(INDEX_SEPARATOR)
             out.append((member, user_id, rid))
         return out
@@ -223,7 +220,7 @@ class Holds:
     async def pending(self, user_id: str) -> dict[str, str]:
         """The user's records of holds and settlements not yet in PostgreSQL, by field."""
         raw = await self.client.hgetall(self.pending_key(user_id))
-        return {_s(k): _s(v) for k, v in raw.items()}
+        return {as_text(k): as_text(v) for k, v in raw.items()}
 
     async def forget_pending(self, user_id: str, fields: Sequence[str]) -> None:
         if fields:
@@ -233,9 +230,9 @@ class Holds:
         """(user_id, score as stored) of users listed with settlements waiting, in one shard."""
         # Scores kept as Redis prints them, for unlist.lua's comparison.
         raw = await self.client.zrange(
-            pending_index_key(self.namespace, shard), 0, limit - 1, withscores=True, score_cast_func=_s
+            pending_index_key(self.namespace, shard), 0, limit - 1, withscores=True, score_cast_func=as_text
         )
-        return [(_s(member), str(score)) for member, score in raw]
+        return [(as_text(member), str(score)) for member, score in raw]
 
     async def unlist_pending(self, shard: int, user_id: str, score: str) -> bool:
         return unlisted(

@@ -168,7 +168,8 @@ UNLIST = LuaScript("unlist.lua")
 # --- replies
 
 
-def _text(value: Any) -> str:
+def as_text(value: Any) -> str:
+    """A reply element as text, whether the client decodes replies or not."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
@@ -199,9 +200,9 @@ def reserve_outcome(reply: Any) -> ReserveOutcome:
     """reserve.lua's {status, value, epoch, held}."""
     status = _RESERVE_STATUSES[int(reply[0])]
     if status is _REPLAY:
-        return ReserveOutcome(status, 0, _text(reply[2]), 0, existing_id=_text(reply[1]))
+        return ReserveOutcome(status, 0, as_text(reply[2]), 0, existing_id=as_text(reply[1]))
     return ReserveOutcome(
-        status, int(reply[1]), _text(reply[2]) if reply[2] is not None else "", int(reply[3])
+        status, int(reply[1]), as_text(reply[2]) if reply[2] is not None else "", int(reply[3])
     )
 
 
