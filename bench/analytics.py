@@ -30,7 +30,7 @@ import asyncpg
 import httpx
 from sqlalchemy.engine import make_url
 
-from services.credits.app import MIGRATIONS_DIR
+from services.credits.runtime import MIGRATIONS_DIR
 from shared.db import drop_database, migrate
 from tests.support.broker import delete_namespace
 from tests.support.servers import service_process

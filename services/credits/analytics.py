@@ -1,4 +1,4 @@
-"""The operator's figures (docs/api.md, Credits "Operator insight") shaped from what store.py sums in PostgreSQL.
+"""The operator's figures (docs/api.md, Credits "Operator insight") shaped from what stores/analytics.py sums in PostgreSQL.
 
 Ranges are UTC days, both ends included; None is unbounded. Flows (revenue, packs, credits in and
 out, upstream cost, sign-ups) count what happened in the range. `total_users` and `tier_breakdown`
@@ -15,7 +15,10 @@ from datetime import date
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
-from services.credits.store import AccountFacts, LedgerGroup
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.credits.stores import analytics as analytics_store
+from services.credits.stores.analytics import AccountFacts, LedgerGroup
 
 CREDITS_IN = ("signup_bonus", "purchase", "admin_add", "migration")
 UNKNOWN = "unknown"  # usage entries without details (or without a model)
@@ -32,11 +35,13 @@ def ratio(part: float, whole: float) -> float:
 @dataclass(frozen=True)
 class Sources:
     ledger: Sequence[LedgerGroup]
-    packs: Sequence[Any]  # store.pack_sales rows
-    money: Sequence[Any]  # store.money_days rows
-    buyers: Any  # store.buyers row
+    packs: Sequence[Any]  # stores.analytics.pack_sales rows
+    money: Sequence[Any]  # stores.analytics.money_days rows
+    buyers: Any  # stores.analytics.buyers row
     accounts: AccountFacts
-    cohort: Any = None  # store.cohort_funnel row; None for a range open at the start (every account)
+    cohort: Any = (
+        None  # stores.analytics.cohort_funnel row; None for a range open at the start (every account)
+    )
 
 
 def report(src: Sources) -> dict[str, Any]:
@@ -165,3 +170,28 @@ def report(src: Sources) -> dict[str, Any]:
         "packs": packs,
         "daily": [days[d] for d in sorted(days)],
     }
+
+
+class Analytics:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def roll_up(self) -> None:
+        """Sums the days that ended into ledger_daily (run by the sweeper now and then, so requests
+        rarely do it; see migration 0005)."""
+        async with self.engine.begin() as conn:
+            await analytics_store.roll_up_ledger(conn)
+
+    async def figures(self, first: date | None = None, last: date | None = None) -> dict[str, Any]:
+        """The operator's figures for the UTC days first..last (None: unbounded), shaped by `report`."""
+        async with self.engine.begin() as conn:
+            await analytics_store.analytics_settings(conn)
+            sources = Sources(
+                ledger=await analytics_store.ledger_groups(conn, first, last),
+                packs=await analytics_store.pack_sales(conn, first, last),
+                money=await analytics_store.money_days(conn, first, last),
+                buyers=await analytics_store.buyers(conn, first, last),
+                accounts=await analytics_store.account_facts(conn, first, last),
+                cohort=await analytics_store.cohort_funnel(conn, first, last) if first else None,
+            )
+        return report(sources)

@@ -26,8 +26,9 @@ import logging
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
-from services.credits.ledger import Ledger, valid_user_id
+from services.credits.ids import valid_user_id
 from services.credits.metrics import CONSUMER_OUTCOMES
+from services.credits.purchases import Purchases
 from shared.broker import PoisonMessage, parse_json
 from shared.events import PackPurchased, PackRefunded
 
@@ -38,8 +39,8 @@ ROUTING_KEYS = (PackPurchased.routing_key, PackRefunded.routing_key)
 
 
 class BillingEventsConsumer:
-    def __init__(self, ledger: Ledger) -> None:
-        self.ledger = ledger
+    def __init__(self, purchases: Purchases) -> None:
+        self.purchases = purchases
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
         data = parse_json(message)
@@ -61,9 +62,9 @@ class BillingEventsConsumer:
             raise PoisonMessage("invalid user_id")
         try:
             if event_type == PackPurchased.routing_key:
-                applied = await self.ledger.apply_purchase(purchased)
+                applied = await self.purchases.apply_purchase(purchased)
             else:
-                applied = await self.ledger.apply_refund(refunded)
+                applied = await self.purchases.apply_refund(refunded)
         except Exception:
             CONSUMER_OUTCOMES.labels(event_type, "retried").inc()
             raise

@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from services.credits.api import CommitBody, ReserveBody, SettleBatch, VerifyKey
+from services.credits.api_bodies import CommitBody, ReserveBody, SettleBatch, VerifyKey
 from shared.openapi import Security, describe_openapi, json_content, ok, ref
 
 SECURITY_SCHEMES: dict[str, Any] = {

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.credits import store
+from services.credits.stores import outbox as outbox_store
 from shared.broker import Publisher, build_message
 from shared.logs import REQUEST_ID_HEADER
 
@@ -47,7 +47,7 @@ class OutboxRelay:
         sent = 0
         while True:
             async with self._engine.begin() as conn:
-                rows = await store.claim_outbox(conn, batch)
+                rows = await outbox_store.claim_outbox(conn, batch)
                 published: list[int] = []
                 for row in rows:
                     body = orjson.loads(row.body)
@@ -62,7 +62,7 @@ class OutboxRelay:
                     await self._publisher.publish_raw(message, row.routing_key)
                     published.append(row.id)
                 if published:
-                    await store.mark_published(conn, published, datetime.now(UTC))
+                    await outbox_store.mark_published(conn, published, datetime.now(UTC))
             sent += len(rows)
             if len(rows) < batch:
                 return sent

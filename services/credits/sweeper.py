@@ -8,7 +8,10 @@ import contextlib
 import logging
 import time
 
-from services.credits.ledger import Ledger
+from services.credits.analytics import Analytics
+from services.credits.expiry import Expiry
+from services.credits.mirror import Mirror
+from services.credits.pending import PendingSettlements
 
 log = logging.getLogger("credits.sweeper")
 
@@ -17,8 +20,18 @@ ROLL_UP_EVERY_SECONDS = 300.0
 
 
 class Sweeper:
-    def __init__(self, ledger: Ledger, interval_seconds: float) -> None:
-        self.ledger = ledger
+    def __init__(
+        self,
+        pending: PendingSettlements,
+        expiry: Expiry,
+        mirror: Mirror,
+        analytics: Analytics,
+        interval_seconds: float,
+    ) -> None:
+        self.pending = pending
+        self.expiry = expiry
+        self.mirror = mirror
+        self.analytics = analytics
         self.interval = interval_seconds
         self._task: asyncio.Task[None] | None = None
         self._rolled_up_at = -ROLL_UP_EVERY_SECONDS
@@ -35,13 +48,13 @@ class Sweeper:
 
     async def sweep_once(self) -> tuple[int, int]:
         # Settlements proxies left in Redis first: a hold whose commit waits there must not expire.
-        await self.ledger.drain_listed()
-        expired = await self.ledger.expire_due()
-        dropped = await self.ledger.sweep_redis()
-        await self.ledger.resync_failed()
+        await self.pending.drain_listed()
+        expired = await self.expiry.expire_due()
+        dropped = await self.expiry.sweep_redis()
+        await self.mirror.resync_failed()
         if time.monotonic() - self._rolled_up_at >= ROLL_UP_EVERY_SECONDS:
             self._rolled_up_at = time.monotonic()
-            await self.ledger.roll_up_analytics()
+            await self.analytics.roll_up()
         return expired, dropped
 
     async def _run(self) -> None:

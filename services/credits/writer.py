@@ -18,9 +18,9 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import asyncpg
 
-from services.credits import store
 from services.credits.holds import Holds
-from services.credits.store import NewHold
+from services.credits.stores import reservations as reservation_store
+from services.credits.stores.reservations import NewHold, Settled
 
 log = logging.getLogger("credits.writer")
 
@@ -135,7 +135,7 @@ class HoldWriter(_GroupWriter[_Pending]):
                 self._conn = await self._pool.acquire()
             # One call: KEY SHARE on the accounts (a concurrent rebuild, FOR UPDATE, either sees these
             # holds or loads before them, and then confirm() below restores them), then the insert.
-            inserted = await store.insert_holds_fast(self._conn, [p.hold for p in batch])
+            inserted = await reservation_store.insert_holds_fast(self._conn, [p.hold for p in batch])
             # A hold placed here needs a look in Redis only if its account was rebuilt since its
             # reserve; a hold placed elsewhere is checked always (it must really be in Redis).
             suspect = [
@@ -179,7 +179,7 @@ class _PendingCommit:
     reservation_id: str
     amount: int | None
     low_event: str
-    future: asyncio.Future[Any]
+    future: asyncio.Future[Settled]
     details: str | None = None  # JSON text for the usage entry
 
 
@@ -201,19 +201,22 @@ class CommitWriter(_GroupWriter[_PendingCommit]):
         now: datetime,
         low_event: str,
         details: str | None = None,
-    ) -> Any:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    ) -> Settled:
+        future: asyncio.Future[Settled] = asyncio.get_running_loop().create_future()
         if self._task is not None and not self._closing:
             # One clock reading per batch is enough: the latest caller's (deadlines are checked against it).
             self._now = now
-        return await self._submit(_PendingCommit(reservation_id, amount, low_event, future, details))
+        settled: Settled = await self._submit(
+            _PendingCommit(reservation_id, amount, low_event, future, details)
+        )
+        return settled
 
     async def _write(self, batch: list[_PendingCommit]) -> None:
         now = self._now
         assert now is not None
         try:
             async with self._pool.acquire() as conn:
-                rows = await store.commit_batch_fast(
+                rows = await reservation_store.commit_batch_fast(
                     conn,
                     [p.reservation_id for p in batch],
                     [p.amount for p in batch],
@@ -227,7 +230,7 @@ class CommitWriter(_GroupWriter[_PendingCommit]):
             log.warning("batched commit of %d failed; committing one by one", len(batch), exc_info=True)
             for p in batch:
                 try:
-                    row = await store.commit_fast(
+                    row = await reservation_store.commit_fast(
                         self._pool, p.reservation_id, p.amount, now, self._threshold, p.low_event, p.details
                     )
                 except Exception as exc:
@@ -237,7 +240,7 @@ class CommitWriter(_GroupWriter[_PendingCommit]):
                     if not p.future.done():
                         p.future.set_result(row)
             return
-        by_id: dict[str, list[Any]] = {}
+        by_id: dict[str, list[Settled]] = {}
         for row in rows:
             by_id.setdefault(str(row["reservation_id"]), []).append(row)
         for p in batch:

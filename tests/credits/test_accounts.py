@@ -114,9 +114,9 @@ async def test_low_balance_support_tier_and_tier(
     client: httpx.AsyncClient, credits: CreditsService, user_id: str
 ) -> None:
     await client.post("/v1/users", json={"user_id": user_id})
-    ledger = credits.app.state.ledger
+    purchases = credits.app.state.runtime.purchases
     for pack, n in (("standard", 500), ("starter", 100)):
-        await ledger.apply_purchase(
+        await purchases.apply_purchase(
             PackPurchased(
                 purchase_id=uuid.uuid4().hex,
                 user_id=user_id,
@@ -232,7 +232,7 @@ async def test_analytics_counts_a_new_paying_user(
     client: httpx.AsyncClient, credits: CreditsService, user_id: str
 ) -> None:
     before = (await client.get("/v1/admin/analytics", headers=admin(credits))).json()
-    await credits.app.state.ledger.apply_purchase(
+    await credits.app.state.runtime.purchases.apply_purchase(
         PackPurchased(
             purchase_id=uuid.uuid4().hex,
             user_id=user_id,

@@ -12,7 +12,7 @@ import pytest
 from alembic import command
 from sqlalchemy.engine import make_url
 
-from services.credits.app import MIGRATIONS_DIR
+from services.credits.runtime import MIGRATIONS_DIR
 from shared.db import alembic_config, ensure_database
 
 

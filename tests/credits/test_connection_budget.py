@@ -15,7 +15,7 @@ import httpx
 import pytest
 from sqlalchemy.engine import make_url
 
-from services.credits.app import MIGRATIONS_DIR
+from services.credits.runtime import MIGRATIONS_DIR
 from shared.db import migrate
 from tests.support.credits_service import running_credits
 from tests.support.pgbouncer import PgBouncerUnavailable, local_pgbouncer

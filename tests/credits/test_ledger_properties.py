@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy.engine import make_url
 
-from services.credits.app import Runtime
+from services.credits.runtime import Runtime
 from shared.errors import Conflict, InsufficientCredits
 from tests.conftest import redis_client_for
 from tests.credits.helpers import FakeClock, redis_syncs_lost
@@ -110,18 +110,18 @@ async def run_program(h: Harness, pg: asyncpg.Pool, ops: list[Any]) -> None:
     user = f"p-{uuid.uuid4().hex[:10]}"
     model = Model()
     assert h.runtime is not None
-    await h.runtime.ledger.create_user(user)
+    await h.runtime.accounts.create_user(user)
 
     async def step(op: tuple[Any, ...]) -> None:
         assert h.runtime is not None
-        ledger = h.runtime.ledger
+        rt = h.runtime
         kind = op[0]
         if kind == "grant":
-            await ledger.grant(user, op[1], "prop", uuid.uuid4().hex)
+            await rt.accounts.grant(user, op[1], "prop", uuid.uuid4().hex)
             model.balance += op[1]
         elif kind == "reserve":
             try:
-                result = await ledger.reserve(user, op[1], None, op[2])
+                result = await rt.reservations.reserve(user, op[1], None, op[2])
             except InsufficientCredits:
                 return
             assert result is not None
@@ -136,7 +136,7 @@ async def run_program(h: Harness, pg: asyncpg.Pool, ops: list[Any]) -> None:
             hold = model.holds[rid]
             amount = None if op[2] is None else int(op[2] * hold.amount)
             try:
-                result = await ledger.commit(rid, amount)
+                result = await rt.settlements.commit(rid, amount)
             except Conflict:
                 status = await pg.fetchval("SELECT status FROM reservations WHERE id = $1::uuid", rid)
                 assert status in ("released", "expired"), (hold, status)
@@ -157,7 +157,7 @@ async def run_program(h: Harness, pg: asyncpg.Pool, ops: list[Any]) -> None:
                 return
             hold = model.holds[rid]
             try:
-                result = await ledger.release(rid)
+                result = await rt.settlements.release(rid)
             except Conflict:
                 # Committed, possibly by a commit in the same burst that has not reported yet.
                 status = await pg.fetchval("SELECT status FROM reservations WHERE id = $1::uuid", rid)
@@ -171,15 +171,15 @@ async def run_program(h: Harness, pg: asyncpg.Pool, ops: list[Any]) -> None:
             rid = model.pick(op[1])
             if rid is None:
                 return
-            with redis_syncs_lost(ledger.holds):
+            with redis_syncs_lost(rt.holds):
                 await step((kind.removesuffix("_lost"), op[1], op[2]))
             model.unsynced.add(rid)
         elif kind == "expire":
             h.clock.now += timedelta(seconds=op[1])
-            await ledger.expire_due()
+            await rt.expiry.expire_due()
             if op[2]:  # the rest of the sweeper's pass
-                await ledger.sweep_redis()
-                await ledger.resync_failed()
+                await rt.expiry.sweep_redis()
+                await rt.mirror.resync_failed()
                 model.unsynced.clear()
             for hold in model.holds.values():
                 if hold.state == "held" and hold.expires_at <= h.clock.now:
@@ -199,7 +199,7 @@ async def run_program(h: Harness, pg: asyncpg.Pool, ops: list[Any]) -> None:
     # The end: every hold ends exactly once.
     h.clock.now += timedelta(seconds=10)
     assert h.runtime is not None
-    await h.runtime.ledger.expire_due()
+    await h.runtime.expiry.expire_due()
     for hold in model.holds.values():
         if hold.state == "held":
             hold.state = "expired"
@@ -235,7 +235,7 @@ async def check(h: Harness, pg: asyncpg.Pool, user: str, model: Model) -> None:
         == len({e["reference"] for e in usage})
         == len([x for x in model.holds.values() if x.state == "committed" and x.charged > 0])
     )
-    available, held = await h.runtime.ledger.live(user)
+    available, held = await h.runtime.mirror.live(user)
     assert available >= 0
     # A hold whose end never reached Redis still counts there until its deadline or the sweeper's
     # pass (the clock moves in whole seconds, as do TTLs, so "not past" means "at or before").

@@ -101,7 +101,7 @@ async def test_a_hold_that_is_not_in_redis_is_refused_and_can_never_be_committed
 ) -> None:
     """A record for a hold never placed, under the account's current epoch (a bug or a forgery)."""
     await _user(client, check, user_id)
-    account_key = check.credits.app.state.ledger.holds.account_key(user_id)
+    account_key = check.credits.app.state.runtime.holds.account_key(user_id)
     epoch = (await redis_client.hget(account_key, "e")).decode()
     forged = PlacedHold(str(uuid.uuid4()), user_id, 5, 10, epoch, int(time.time() * 1000) + 60_000)
     (result,) = await _record(client, forged)
@@ -169,7 +169,7 @@ async def _placed_then_wiped(
     await _user(client, check, user_id)
     placed = await redis_holds.place(user_id, 4)
     assert placed is not None
-    holds = check.credits.app.state.ledger.holds
+    holds = check.credits.app.state.runtime.holds
     await redis_client.delete(*holds.keys(user_id), holds.pending_key(user_id))
     return placed
 

@@ -73,7 +73,7 @@ async def analytics(stack: Stack, **params: str) -> dict[str, Any]:
 
 async def test_operator_dashboard(page: Page, stack: Stack, shoot: Callable[..., Any]) -> None:
     buyer = f"op-{uuid.uuid4().hex[:8]}"
-    await stack.credits.app.state.ledger.apply_purchase(
+    await stack.credits.app.state.runtime.purchases.apply_purchase(
         PackPurchased(
             purchase_id=f"pur_{uuid.uuid4().hex[:10]}",
             user_id=buyer,

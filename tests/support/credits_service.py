@@ -9,7 +9,7 @@
         signup_credits=10,                            # any CreditsSettings field as a keyword override
     ) as credits:
         credits.url             # "http://127.0.0.1:<port>" — a real uvicorn server in this event loop
-        credits.app             # the FastAPI app (credits.app.state.ledger is the domain object)
+        credits.app             # the FastAPI app (credits.app.state.runtime holds the domain objects)
         credits.settings        # the CreditsSettings it runs with
         credits.internal_token  # Bearer token for internal endpoints
         credits.admin_token     # Bearer token for admin endpoints

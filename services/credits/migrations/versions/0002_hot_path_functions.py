@@ -1,8 +1,9 @@
 """Hot-path functions: persisting a batch of holds, committing and releasing a hold, each one round trip.
 
-The rules stay in Python (ledger.py); these functions only make the multi-statement transactions of
-the hot path atomic server-side, keeping the locking rule of store.py: the account row is locked
-(KEY SHARE for hold changes, an UPDATE when the balance moves) by every change Redis mirrors.
+The rules stay in Python (reservations.py, settlements.py); these functions only make the
+multi-statement transactions of the hot path atomic server-side, keeping the locking rule of stores/
+(see its __init__): the account row is locked (KEY SHARE for hold changes, an UPDATE when the balance
+moves) by every change Redis mirrors.
 """
 
 from alembic import op
