@@ -41,6 +41,7 @@ import uvloop
 from bench.profiling import profiler_argv
 from services.credits.holds import Holds
 from shared.db import drop_database
+from shared.holds.protocol import APPLY, RESERVE
 from tests.support.servers import service_process
 
 INTERNAL = "dev-internal-token"
@@ -200,8 +201,8 @@ async def pipelined_pairs(
     client: aioredis.Redis, holds: Holds, accounts: list[str]
 ) -> Callable[[int], Awaitable[bool]]:
     """A loop body sending 100 reserve+apply pairs per round trip, as raw EVALSHA commands."""
-    await client.script_load(holds._reserve.source)
-    await client.script_load(holds._apply.source)
+    await client.script_load(RESERVE.source)
+    await client.script_load(APPLY.source)
     deadline = int(time.time() * 1000) + 3_600_000
 
     async def pipelined(n: int) -> bool:
@@ -210,10 +211,8 @@ async def pipelined_pairs(
         for _ in range(100):
             acct, dl = holds.keys(accounts[random.randrange(len(accounts))])
             rid = uuid.uuid4().hex
-            pipe.execute_command(
-                "EVALSHA", holds._reserve.sha, 2, acct, dl, rid, 1, "", "exact", deadline, now_ms
-            )
-            pipe.execute_command("EVALSHA", holds._apply.sha, 2, acct, dl, "", "", rid)
+            pipe.execute_command("EVALSHA", RESERVE.sha, 2, acct, dl, rid, 1, "", "exact", deadline, now_ms)
+            pipe.execute_command("EVALSHA", APPLY.sha, 2, acct, dl, "", "", rid)
         replies = await pipe.execute()
         return all(int(r[0]) == 1 for r in replies[0::2])
 

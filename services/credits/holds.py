@@ -1,74 +1,47 @@
 """Redis adapter: the live balance and open holds of each user, changed only through the Lua scripts.
 
-Keys (every key of a user carries the hash tag `{<tag>}`, `tag` = 16 hex digits of a digest of the user
-id (`shared.redis_holds.user_tag`), so each script touches one slot and runs unchanged on Redis Cluster
-whatever characters the id holds; the id itself follows the kind, where braces no longer count):
+The keys, the scripts and what their replies mean are `shared/holds/protocol.py`'s (shared with the
+proxy, which places holds with the same reserve.lua); this adapter is credits' side: it keeps the
+mirror of PostgreSQL (load, apply, confirm), the sweeper's deadline index, and reads what proxies owe.
 
-- `credits:{<tag>}:acct:<user_id>` — one hash per user: `b` balance (= PostgreSQL ledger sum at version `v`),
-  `d` credits held, `v` account version, `e` load epoch (= accounts.redis_epoch), `h:<reservation_id>`
-  held credits, `i:<idempotency_key>` reservation id, `k:<reservation_id>` its idempotency key. Its
-  presence is the "loaded" marker: a missing hash is never read as zero; it means "rebuild from PostgreSQL".
-- `credits:{<tag>}:deadlines:<user_id>` — the user's open holds scored by deadline (ms). A hold still there
-  past deadline + grace missed its end (its process died before persisting it, or after a commit or
-  release but before the sync here, leaving the balance stale too): a script that meets one drops
-  the user's keys, and the account is rebuilt from PostgreSQL.
-- `credits:deadlines:{<n>}` — sharded sorted sets (score = deadline, member = `user_id<US>reservation_id`)
-  of persisted holds, written once per group commit; the sweeper walks every shard after the deadline
-  to bring Redis back in line with PostgreSQL where a post-commit sync was lost (e.g. the process died
-  after a PostgreSQL commit). Each shard is its own hash tag (slot), so on Redis Cluster the index is
-  spread over the nodes and no single key takes every write; every command on it names one shard.
-  Entries leave at their deadline (not at commit, which would cost a command per commit), so the index
-  holds about reserve rate x TTL members.
-
-Every script touches only the two keys of one user (one hash slot). The client is a standalone
-`redis.asyncio.Redis` or, with REDIS_CLUSTER=true, `shared.redis_client.BoundedRedisCluster`
-(`shared.redis_client.redis_client` picks); cluster pipelines (the index, `apply_many`, `confirm`)
-split the commands by node and route each EVALSHA by its keys' slot.
+The client is a standalone `redis.asyncio.Redis` or, with REDIS_CLUSTER=true,
+`shared.redis_client.BoundedRedisCluster` (`shared.redis_client.redis_client` picks); cluster pipelines
+(the index, `apply_many`, `confirm`) split the commands by node and route each EVALSHA by its keys' slot.
 """
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from shared.redis_client import AnyRedis, probe
-from shared.redis_holds import (
+from shared.holds.protocol import (
+    APPLY,
+    CONFIRM,
+    DEFAULT_NAMESPACE,
+    INDEX_SEPARATOR,
+    LOAD,
     PENDING_SHARDS,
-    LuaScript,
+    RESERVE,
+    UNLIST,
+    VIEW,
+    ReserveOutcome,
+    Snapshot,
+    apply_available,
+    as_text,
+    confirm_stands,
+    deadline_index_key,
+    load_available,
     pending_index_key,
     pending_key,
+    reserve_outcome,
+    shard_of,
+    unlisted,
+    user_key,
     user_keys,
+    user_keys_with_pending,
+    view_snapshot,
 )
-
-SEPARATOR = "\x1f"  # user ids never contain control characters
-
-
-@dataclass(frozen=True)
-class ReserveOutcome:
-    status: int  # 1 held, 0 insufficient, 2 idempotent replay, -1 not loaded
-    available: int
-    epoch: str
-    held: int
-    existing_id: str | None = None
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    balance: int
-    held: int
-    version: int  # the account version `balance` reflects
-
-    @property
-    def available(self) -> int:
-        # Never below zero: only a charge counted twice (a lost commit sync overtaken by a later
-        # sync, until the sweeper or the hold's deadline mends it) could take it there.
-        return max(self.balance - self.held, 0)
-
-
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+from shared.redis_client import AnyRedis, probe
 
 
 class Holds:
@@ -76,32 +49,19 @@ class Holds:
         self,
         client: AnyRedis,
         deadline_shards: int = 16,
-        namespace: str = "credits",
+        namespace: str = DEFAULT_NAMESPACE,
         grace_ms: int = 5000,
     ) -> None:
         self.client = client
         self.namespace = namespace
         self.deadline_shards = deadline_shards
         self.grace_ms = grace_ms
-        # Sent as EVALSHA; a script is loaded again only after a NOSCRIPT.
-        self._reserve = LuaScript("reserve.lua")
-        self._apply = LuaScript("apply.lua", idempotent=True)
-        self._load = LuaScript("load.lua")
-        self._confirm = LuaScript("confirm.lua", idempotent=True)
-        self._view = LuaScript("view.lua")
-        self._unlist = LuaScript("unlist.lua")
 
     def account_key(self, user_id: str) -> str:
-        return user_keys(self.namespace, user_id)[0]
+        return user_key(self.namespace, user_id, "acct")
 
     def keys(self, user_id: str) -> list[str]:
         return user_keys(self.namespace, user_id)
-
-    def deadline_key(self, shard: int) -> str:
-        return f"{self.namespace}:deadlines:{{{shard}}}"
-
-    def shard_of(self, user_id: str) -> int:
-        return zlib.crc32(user_id.encode()) % self.deadline_shards
 
     async def reserve(
         self,
@@ -114,7 +74,7 @@ class Holds:
         *,
         up_to: bool = False,
     ) -> ReserveOutcome:
-        raw = await self._reserve(
+        reply = await RESERVE(
             self.client,
             self.keys(user_id),
             [
@@ -126,10 +86,7 @@ class Holds:
                 now_ms - self.grace_ms,
             ],
         )
-        status = int(raw[0])
-        if status == 2:
-            return ReserveOutcome(2, 0, _s(raw[2]), 0, existing_id=_s(raw[1]))
-        return ReserveOutcome(status, int(raw[1]), _s(raw[2]) if raw[2] is not None else "", int(raw[3]))
+        return reserve_outcome(reply)
 
     async def apply(
         self,
@@ -141,8 +98,7 @@ class Holds:
     ) -> int | None:
         """Reflects a committed PostgreSQL change. Returns available credits, or None if not loaded."""
         args: list[Any] = ["" if balance is None else balance, "" if version is None else version, *ended]
-        result = int(await self._apply(self.client, self.keys(user_id), args))
-        return None if result == -1 else result
+        return apply_available(await APPLY(self.client, self.keys(user_id), args))
 
     async def apply_many(
         self, changes: Sequence[tuple[str, int | None, int | None, Sequence[str]]]
@@ -151,7 +107,7 @@ class Holds:
         script still touches one user's keys only. Returns available credits (None: not loaded)."""
         if not changes:
             return []
-        replies = await self._apply.many(
+        replies = await APPLY.many(
             self.client,
             [
                 (
@@ -161,7 +117,7 @@ class Holds:
                 for user_id, balance, version, ended in changes
             ],
         )
-        return [None if int(r) == -1 else int(r) for r in replies]
+        return [apply_available(r) for r in replies]
 
     async def load(
         self,
@@ -175,37 +131,38 @@ class Holds:
         args: list[Any] = [balance, version, epoch]
         for rid, amount, key, deadline_ms in holds:
             args += [rid, amount, key or "", deadline_ms]
-        return int(await self._load(self.client, self.keys(user_id), args))
+        return load_available(await LOAD(self.client, self.keys(user_id), args))
 
     async def confirm(self, items: Sequence[tuple[str, str, int, str | None, str, int, bool]]) -> list[bool]:
         """items: (user_id, reservation_id, amount, idempotency_key, epoch, deadline_ms, strict);
         strict for holds placed outside this service (see confirm.lua)."""
         if not items:
             return []
-        results = await self._confirm.many(
+        replies = await CONFIRM.many(
             self.client,
             [
                 (
-                    [*self.keys(user_id), self.pending_key(user_id)] if strict else self.keys(user_id),
+                    user_keys_with_pending(self.namespace, user_id) if strict else self.keys(user_id),
                     [rid, amount, key or "", epoch, deadline_ms, "strict" if strict else ""],
                 )
                 for user_id, rid, amount, key, epoch, deadline_ms, strict in items
             ],
         )
-        return [int(r[0]) == 1 for r in results]
+        return [confirm_stands(r) for r in replies]
 
     async def index_deadlines(self, holds: Sequence[tuple[str, str, int]]) -> None:
         """Adds persisted holds (user_id, reservation_id, deadline_ms) to the sweeper's sharded index."""
         by_shard: dict[int, dict[str | bytes, float]] = {}
         for user_id, rid, deadline_ms in holds:
-            by_shard.setdefault(self.shard_of(user_id), {})[f"{user_id}{SEPARATOR}{rid}"] = deadline_ms
+            members = by_shard.setdefault(shard_of(user_id, self.deadline_shards), {})
+            members[f"{user_id}{INDEX_SEPARATOR}{rid}"] = deadline_ms
         if len(by_shard) == 1:
             ((shard, members),) = by_shard.items()
-            await self.client.zadd(self.deadline_key(shard), members)
+            await self.client.zadd(deadline_index_key(self.namespace, shard), members)
             return
         pipe = self.client.pipeline(transaction=False)
         for shard, members in by_shard.items():
-            pipe.zadd(self.deadline_key(shard), members)
+            pipe.zadd(deadline_index_key(self.namespace, shard), members)
         await pipe.execute()
 
     async def extend_deadlines(self, holds: Sequence[tuple[str, str, int]]) -> None:
@@ -215,10 +172,10 @@ class Holds:
             return
         pipe = self.client.pipeline(transaction=False)
         for user_id, rid, deadline_ms in holds:
-            pipe.zadd(self.keys(user_id)[1], {rid: deadline_ms}, xx=True, gt=True)
+            pipe.zadd(user_key(self.namespace, user_id, "deadlines"), {rid: deadline_ms}, xx=True, gt=True)
             pipe.zadd(
-                self.deadline_key(self.shard_of(user_id)),
-                {f"{user_id}{SEPARATOR}{rid}": deadline_ms},
+                deadline_index_key(self.namespace, shard_of(user_id, self.deadline_shards)),
+                {f"{user_id}{INDEX_SEPARATOR}{rid}": deadline_ms},
                 gt=True,
             )
         await pipe.execute()
@@ -233,32 +190,29 @@ class Holds:
 
     async def snapshot(self, user_id: str, now_ms: int) -> Snapshot | None:
         """None if not loaded (or dropped for a hold past its deadline, see view.lua)."""
-        raw = await self._view(self.client, self.keys(user_id), [now_ms - self.grace_ms])
-        if not raw:
-            return None
-        return Snapshot(int(raw[0]), int(raw[1]), int(raw[2]))
+        return view_snapshot(await VIEW(self.client, self.keys(user_id), [now_ms - self.grace_ms]))
 
     async def due_deadlines(self, shard: int, now_ms: int, limit: int = 500) -> list[tuple[str, str, str]]:
         """(member, user_id, reservation_id) of index entries at or before now_ms."""
         members = await self.client.zrangebyscore(
-            self.deadline_key(shard), "-inf", now_ms, start=0, num=limit
+            deadline_index_key(self.namespace, shard), "-inf", now_ms, start=0, num=limit
         )
         out = []
         for m in members:
-            member = _s(m)
-            user_id, _, rid = member.partition(SEPARATOR)
+            member = as_text(m)
+            user_id, _, rid = member.partition(INDEX_SEPARATOR)
             out.append((member, user_id, rid))
         return out
 
     async def drop_deadlines(self, shard: int, members: Sequence[str]) -> None:
         if members:
-            await self.client.zrem(self.deadline_key(shard), *members)
+            await self.client.zrem(deadline_index_key(self.namespace, shard), *members)
 
     async def probe(self) -> None:
         """A real key operation (see `shared.redis_client.probe`), for readiness."""
         await probe(self.client, self.namespace)
 
-    # --- what proxies owe, kept beside the holds (see shared/redis_holds.py, Ledger.drain_pending)
+    # --- what proxies owe, kept beside the holds (see shared/holds/protocol.py, Ledger.drain_pending)
 
     def pending_key(self, user_id: str) -> str:
         return pending_key(self.namespace, user_id)
@@ -266,7 +220,7 @@ class Holds:
     async def pending(self, user_id: str) -> dict[str, str]:
         """The user's records of holds and settlements not yet in PostgreSQL, by field."""
         raw = await self.client.hgetall(self.pending_key(user_id))
-        return {_s(k): _s(v) for k, v in raw.items()}
+        return {as_text(k): as_text(v) for k, v in raw.items()}
 
     async def forget_pending(self, user_id: str, fields: Sequence[str]) -> None:
         if fields:
@@ -276,14 +230,13 @@ class Holds:
         """(user_id, score as stored) of users listed with settlements waiting, in one shard."""
         # Scores kept as Redis prints them, for unlist.lua's comparison.
         raw = await self.client.zrange(
-            pending_index_key(self.namespace, shard), 0, limit - 1, withscores=True, score_cast_func=_s
+            pending_index_key(self.namespace, shard), 0, limit - 1, withscores=True, score_cast_func=as_text
         )
-        return [(_s(member), str(score)) for member, score in raw]
+        return [(as_text(member), str(score)) for member, score in raw]
 
     async def unlist_pending(self, shard: int, user_id: str, score: str) -> bool:
-        return (
-            int(await self._unlist(self.client, [pending_index_key(self.namespace, shard)], [user_id, score]))
-            == 1
+        return unlisted(
+            await UNLIST(self.client, [pending_index_key(self.namespace, shard)], [user_id, score])
         )
 
     @property

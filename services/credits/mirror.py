@@ -19,10 +19,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.credits import metrics
 from services.credits.clock import Clock, ms
-from services.credits.holds import Holds, Snapshot
+from services.credits.holds import Holds
 from services.credits.stores import accounts as account_store
 from services.credits.stores import reservations as reservation_store
 from shared.errors import NotFound, ServiceUnavailable
+from shared.holds.protocol import Snapshot
 
 log = logging.getLogger("credits.mirror")
 

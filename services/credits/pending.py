@@ -1,4 +1,4 @@
-"""What proxies left in Redis for credits (see shared/redis_holds.py): records of holds they placed and
+"""What proxies left in Redis for credits (see shared/holds/protocol.py): records of holds they placed and
 settlements they could not deliver, kept in each user's pending hash until applied here, and the late
 charge of a served request whose hold expired before its commit arrived."""
 
@@ -38,7 +38,7 @@ class PendingSettlements:
         self._draining: set[str] = set()  # users whose pending records this process is applying
 
     async def drain_pending(self, user_id: str) -> tuple[int, bool]:
-        """Applies what proxies left in the user's pending hash in Redis (see shared/redis_holds.py):
+        """Applies what proxies left in the user's pending hash in Redis (see shared/holds/protocol.py):
         records of holds they placed, and settlements they could not deliver (credits unreachable,
         or the proxy stopping). Each is idempotent, so one also delivered over HTTP, or applied by
         another credits process at the same time, counts once. A settlement that waited past its

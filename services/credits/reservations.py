@@ -16,7 +16,6 @@ import asyncpg
 from services.credits import metrics
 from services.credits.clock import ms
 from services.credits.config import CreditsSettings
-from services.credits.holds import ReserveOutcome
 from services.credits.ids import canonical_uuid, is_uuid
 from services.credits.mirror import Mirror, Sync
 from services.credits.stores import accounts as account_store
@@ -31,6 +30,7 @@ from shared.errors import (
     NotFound,
     ServiceUnavailable,
 )
+from shared.holds.protocol import ReserveOutcome
 
 log = logging.getLogger("credits.reservations")
 

@@ -30,7 +30,7 @@ class ProxySettings(SharedSettings, RedisSettings):
     pricing_file: str | None = None
     # Redis, shared with credits: the worker's job records, and the holds of the fast path.
     redis_url: str = "redis://localhost:6379/0"
-    # Holds are placed straight in credits' Redis with credits' own reserve.lua, under credits' key
+    # Holds are placed straight in credits' Redis with the reserve.lua credits runs, under credits' key
     # namespace (credits' REDIS_NAMESPACE), and recorded at credits in the background. Off: every
     # hold is an HTTP call to credits. A REDIS_URL that is not credits' Redis costs only speed:
     # the accounts are never found loaded there, so every hold goes to credits.

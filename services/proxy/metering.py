@@ -2,7 +2,7 @@
 release the hold.
 
 The hold is the only step on the request path. Unless `HOLDS_IN_REDIS` is off, the hold is placed
-in the credits service's Redis (`REDIS_URL`) directly with credits' own reserve.lua (one round
+in the credits service's Redis (`REDIS_URL`) directly with the reserve.lua credits runs (one round
 trip, no HTTP call, no PostgreSQL write on the path) and recorded at credits in the background, in
 the same batches as the settlements; anything but the plain case (account not loaded, too few
 credits, an idempotency key, Redis unreachable) goes to credits' HTTP reserve, which decides it.
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.errors import AppError, InsufficientCredits, ServiceUnavailable
-from shared.redis_holds import PlacedHold, RedisHolds
+from shared.holds.fast_path import PlacedHold, RedisHolds
 
 from .downstream import CreditsClient, DownstreamError, Reservation
 from .metrics import (

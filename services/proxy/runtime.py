@@ -14,7 +14,7 @@ from aio_pika.abc import AbstractRobustConnection
 
 from shared.broker import connect
 from shared.redis_client import AnyRedis, probe, redis_client
-from shared.redis_holds import RedisHolds
+from shared.holds.fast_path import RedisHolds
 from shared.web import ReadinessCheck
 
 from .callers import Authenticator

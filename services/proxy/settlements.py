@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shared.errors import AppError, ServiceUnavailable
-from shared.redis_holds import PlacedHold
+from shared.holds.fast_path import PlacedHold
 
 from .downstream import CreditsClient, DownstreamError
 

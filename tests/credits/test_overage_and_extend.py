@@ -14,7 +14,7 @@ import uuid
 import httpx
 from redis.asyncio import Redis
 
-from shared.redis_holds import user_tag
+from shared.holds.protocol import user_tag
 from tests.credits.helpers import Checker
 
 
@@ -112,7 +112,7 @@ async def test_an_extended_hold_outlives_its_ttl_and_an_ended_one_is_not_revived
     redis = Redis.from_url(redis_url)
     try:
         # The service's key namespace is its own: find the user's deadline set by its hash tag
-        # (see shared.redis_holds.user_key).
+        # (see shared.holds.protocol.user_key).
         found = [
             key
             async for key in redis.scan_iter(match=f"*:{{{user_tag(user_id)}}}:deadlines:{user_id}")

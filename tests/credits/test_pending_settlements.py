@@ -1,4 +1,4 @@
-"""What a proxy could not deliver, left in credits' Redis beside the holds (shared/redis_holds.py: the
+"""What a proxy could not deliver, left in credits' Redis beside the holds (shared/holds/fast_path.py: the
 hold's record written by reserve.lua, settlements parked by `RedisHolds.park`): credits applies it
 once, even past the hold's deadline, and charges a served request whose hold expired meanwhile
 (what the balance no longer covers becomes `credits_owed`)."""
@@ -13,7 +13,8 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from shared.redis_holds import RedisHolds, pending_index_key, pending_key, pending_shard
+from shared.holds.fast_path import RedisHolds
+from shared.holds.protocol import pending_index_key, pending_key, pending_shard
 from tests.conftest import eventually
 from tests.support.credits_service import CreditsService
 

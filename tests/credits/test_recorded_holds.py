@@ -1,4 +1,4 @@
-"""Holds placed straight in Redis with credits' reserve.lua (the proxy's fast path, shared/redis_holds.py)
+"""Holds placed straight in Redis with credits' reserve.lua (the proxy's fast path, shared/holds/fast_path.py)
 and then recorded through POST /v1/reservations/batch ("hold" items).
 
 Such a hold is only in Redis until recorded; recording must be idempotent, must refuse a hold that is
@@ -16,7 +16,8 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from shared.redis_holds import PlacedHold, RedisHolds, user_keys
+from shared.holds.fast_path import PlacedHold, RedisHolds
+from shared.holds.protocol import user_keys
 from tests.conftest import eventually, redis_client_for
 from tests.credits.helpers import Checker, assert_envelope
 from tests.support.credits_service import CreditsService

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import REGISTRY
 from redis.crc import key_slot
 
-from shared.redis_holds import user_keys
+from shared.holds.protocol import user_keys
 from tests.conftest import redis_client_for
 from tests.proxy.conftest import ADMIN, INTERNAL, sdk_for
 from tests.support.proxy_service import RunningProxy

@@ -8,7 +8,7 @@ import uuid
 import pytest
 import redis.asyncio as aioredis
 
-from shared.redis_holds import LuaScript, user_keys
+from shared.holds.protocol import LuaScript, user_keys
 
 NOW_MS = 1_000_000
 

@@ -13,8 +13,9 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import MaxConnectionsError
 
+from shared.holds.fast_path import RedisHolds
+from shared.holds.protocol import user_keys
 from shared.redis_client import BoundedRedisCluster, probe, redis_client
-from shared.redis_holds import RedisHolds, user_keys
 from shared.settings import RedisSettings
 
 BRACED_IDS = ["}", "{", "}{", "{}", "a}b{c", "}user{", "{x}", "{{", "}}", "plain", "ユーザー{1}"]

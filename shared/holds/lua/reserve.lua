@@ -1,5 +1,5 @@
 -- Place a hold on a user's available credits (available = balance - held).
--- <tag> is a digest of the user id (shared/redis_holds.py `user_tag`): every key of a user in one slot.
+-- <tag> is a digest of the user id (shared/holds/protocol.py `user_tag`): every key of a user in one slot.
 -- KEYS[1]  credits:{<tag>}:acct:<user_id>  hash: b = balance (credits, = the PostgreSQL ledger sum at version v),
 --          d = credits held by open holds, v = account version, e = load epoch,
 --          h:<reservation_id> = held credits, i:<idempotency_key> = reservation_id,
