@@ -177,6 +177,8 @@ class _BatchEnvelope(BaseModel):
     items: Annotated[list[dict[str, Any]], Field(min_length=1, max_length=MAX_BATCH_ITEMS)]
 
 
+# Items arrive decoded by the envelope: every field is Strict*, so validating them as Python objects
+# accepts and refuses what validating the JSON does.
 _BATCH_ITEM: TypeAdapter[BatchItem] = TypeAdapter(TaggedBatchItem)
 
 
