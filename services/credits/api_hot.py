@@ -16,12 +16,13 @@ from services.credits.api_bodies import (
     CommitBody,
     ExtendItem,
     HoldItem,
+    RefusedItem,
     ReserveBody,
-    SettleBatch,
-    SettleItem,
     VerifyKey,
     checked_user,
+    parse_batch,
     stored_details,
+    unprocessable,
 )
 from services.credits.api_responses import (
     extended_body,
@@ -39,10 +40,6 @@ from shared.responses import JsonResponse
 from shared.web import TemplateRoute
 
 
-class UnprocessableBody(AppError):
-    status_code, code = 422, "invalid_request"
-
-
 def _require_internal(request: Request) -> None:
     token = bearer_token(request)
     if token is None:
@@ -58,11 +55,7 @@ async def _parse(request: Request, model: type[BodyT], *, optional: bool = False
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
-        parts = [
-            f"{'.'.join(str(p) for p in err.get('loc', ())) or 'body'}: {err.get('msg', 'invalid')}"
-            for err in exc.errors()[:5]
-        ]
-        raise UnprocessableBody("; ".join(parts) or "Invalid request body.") from None
+        raise unprocessable(exc) from None
 
 
 async def reserve(request: Request) -> JsonResponse:
@@ -109,21 +102,14 @@ async def settle_batch(request: Request) -> JsonResponse:
     commit writer groups them into shared PostgreSQL transactions; Redis is synced in one round trip);
     each "hold" item is recorded through the reserve's group commit (`Reservations.record_holds`). Each
     result carries the status and body the single endpoint would have answered (201 and the
-    reservation for a recorded hold); the call itself is 200 unless the whole body is invalid. Items
-    for the same reservation must not appear twice in one batch.
+    reservation for a recorded hold). An item that is malformed, or whose reservation an earlier
+    item has, is answered with its own error and not applied (`parse_batch`); the call itself is 200
+    unless the envelope is invalid.
     """
     _require_internal(request)
-    body = await _parse(request, SettleBatch)
-    assert body is not None
-    ids = [item.reservation_id for item in body.items]
-    if len(set(ids)) != len(ids):
-        raise InvalidRequest("Each reservation may appear at most once per batch.")
+    batch = parse_batch(await request.body())
     runtime: Runtime = request.app.state.runtime
-    settles = [item for item in body.items if isinstance(item, SettleItem)]
-    holds = [item for item in body.items if isinstance(item, HoldItem)]
-    extends = [item for item in body.items if isinstance(item, ExtendItem)]
-    for hold in holds:
-        checked_user(hold.user_id)
+    settles, holds, extends = batch.settles, batch.holds, batch.extends
     # Records, settlements and extensions run side by side; their answers go back in the items' order.
     settled, recorded, extended = await asyncio.gather(
         runtime.settlements.settle_many(
@@ -141,7 +127,7 @@ async def settle_batch(request: Request) -> JsonResponse:
     )
     settled_in_order, recorded_in_order, extended_in_order = iter(settled), iter(recorded), iter(extended)
     results: list[dict[str, Any]] = []
-    for item in body.items:
+    for item in batch.items:
         if isinstance(item, ExtendItem):
             outcome: Any = next(extended_in_order)
             answer = None if isinstance(outcome, AppError) else {"status": 200, **extended_body(outcome)}
@@ -157,9 +143,25 @@ async def settle_batch(request: Request) -> JsonResponse:
                 else {"status": 200, **settle_body(outcome, commit=commit)}
             )
         if answer is None:
-            answer = {"reservation_id": item.reservation_id, "status": outcome.status_code, **outcome.body()}
+            answer = _refusal(item.reservation_id, outcome)
         results.append(answer)
+    if batch.refused:
+        results = _with_refusals(results, batch.refused)
     return JsonResponse({"results": results})
+
+
+def _refusal(reservation_id: str | None, error: AppError) -> dict[str, Any]:
+    """A batch item's error answer: its reservation id, the single endpoint's status and envelope."""
+    return {"reservation_id": reservation_id, "status": error.status_code, **error.body()}
+
+
+def _with_refusals(applied: list[dict[str, Any]], refused: dict[int, RefusedItem]) -> list[dict[str, Any]]:
+    """The answers of the applied items with those of the refused ones put back at their positions."""
+    answers = iter(applied)
+    return [
+        _refusal(refused[p].reservation_id, refused[p].error) if p in refused else next(answers)
+        for p in range(len(applied) + len(refused))
+    ]
 
 
 async def verify_api_key(request: Request) -> JsonResponse:

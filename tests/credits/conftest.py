@@ -10,6 +10,8 @@ import httpx
 import pytest
 from sqlalchemy.engine import make_url
 
+from shared.redis_holds import RedisHolds
+from tests.conftest import redis_client_for
 from tests.credits.helpers import Checker
 from tests.support.credits_service import CreditsService, running_credits
 
@@ -52,6 +54,16 @@ async def pg(credits: CreditsService, credits_database_url: str) -> AsyncIterato
 @pytest.fixture(scope="package")
 def check(pg: asyncpg.Pool, credits: CreditsService) -> Checker:
     return Checker(pg, credits)
+
+
+@pytest.fixture
+async def redis_holds(
+    credits: CreditsService, redis_url: str, redis_cluster: bool
+) -> AsyncIterator[RedisHolds]:
+    """The proxy's holds in credits' Redis (shared/redis_holds.py), as the proxy places them."""
+    holds = RedisHolds(redis_client_for(redis_url, redis_cluster), namespace=credits.settings.redis_namespace)
+    yield holds
+    await holds.aclose()
 
 
 @pytest.fixture

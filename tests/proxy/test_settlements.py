@@ -136,6 +136,32 @@ async def test_a_refused_item_fails_alone(credits: Credits, credits_url: str) ->
     await credits.settled(user_id, 4, usage_total=1)
 
 
+async def test_a_malformed_item_fails_alone_once_and_another_users_commit_applies(
+    credits: Credits, credits_url: str
+) -> None:
+    """Credits refuses a malformed item on its own (422): its settlement fails once, not retried nor
+    parked (metering logs and counts it), and the other user's commit in the same call applies."""
+    sender_of_bad, other = await credits.user(5), await credits.user(5)
+    (bad,) = await _holds(credits, sender_of_bad, 1)
+    (good,) = await _holds(credits, other, 1)
+    seen: list[int] = []
+    async with serve_app(_front(credits_url, [], seen)) as front:
+        async with batcher_at(front, retry_base_seconds=0.02) as batcher:
+            refused, ok = await asyncio.gather(
+                batcher.submit(bad, 1, user_id=sender_of_bad, details={"operation": ""}),
+                batcher.submit(good, 1, user_id=other, details={"operation": "chat"}),
+                return_exceptions=True,
+            )
+    assert isinstance(refused, DownstreamError), refused
+    assert (refused.status_code, refused.code) == (422, "invalid_request")
+    assert isinstance(ok, dict) and ok["charged"] == 1, ok
+    assert len(seen) == 1  # one call: the refused item was not sent again
+    await credits.settled(other, 4, usage_total=1)
+    account = await credits.account(sender_of_bad)
+    assert (account["credits_reserved"], account["credits_remaining"]) == (1, 4)
+    assert await credits.usage(sender_of_bad) == []
+
+
 async def test_linger_gathers_settlements_and_urgent_ones_go_at_once(
     credits: Credits, credits_url: str
 ) -> None:
