@@ -13,8 +13,8 @@ from typing import Any
 from aio_pika.abc import AbstractRobustConnection
 
 from shared.broker import connect
-from shared.redis_client import AnyRedis, probe, redis_client
 from shared.holds.fast_path import RedisHolds
+from shared.redis_client import AnyRedis, probe, redis_client
 from shared.web import ReadinessCheck
 
 from .callers import Authenticator
