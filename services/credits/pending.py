@@ -8,8 +8,6 @@ import logging
 from dataclasses import replace
 from datetime import timedelta
 
-import orjson
-
 from services.credits import metrics
 from services.credits.clock import ms
 from services.credits.config import CreditsSettings
@@ -21,6 +19,7 @@ from services.credits.stores import accounts as account_store
 from services.credits.stores import ledger_entries as ledger_store
 from services.credits.stores import reservations as reservation_store
 from shared.errors import AppError, Conflict, ServiceUnavailable
+from shared.holds.protocol import PendingHold, pending_entry
 
 log = logging.getLogger("credits.pending")
 
@@ -60,29 +59,27 @@ class PendingSettlements:
             settle_overages: list[int] = []
             done: list[str] = []
             for name, value in fields.items():
-                kind, _, rid = name.partition(":")
                 try:
-                    if kind == "h":
-                        amount, deadline_ms, epoch, hold_kind = value.split(" ")
-                        records.append(
-                            HoldToRecord(rid, user_id, int(amount), epoch, int(deadline_ms), hold_kind)
-                        )
-                    elif kind == "s":
-                        item = orjson.loads(value)
-                        amount_ = item.get("amount")
-                        about = item.get("details")
-                        about_text = None if about is None else orjson.dumps(about).decode()
-                        overage = max(int(item.get("overage", 0)), 0)
-                        settles.append(
-                            (name, rid, str(item["action"]), None if amount_ is None else int(amount_))
-                        )
-                        settle_details.append(about_text)
-                        settle_overages.append(overage)
-                    else:
-                        raise ValueError(name)
-                except (ValueError, KeyError, TypeError, AttributeError, orjson.JSONDecodeError):
+                    entry = pending_entry(name, value)
+                except ValueError:  # JSONDecodeError included
                     log.error("dropping a malformed pending entry of %s: %s=%r", user_id, name, value)
                     done.append(name)
+                    continue
+                if isinstance(entry, PendingHold):
+                    records.append(
+                        HoldToRecord(
+                            entry.reservation_id,
+                            user_id,
+                            entry.amount,
+                            entry.epoch,
+                            entry.deadline_ms,
+                            entry.kind,
+                        )
+                    )
+                else:
+                    settles.append((name, entry.reservation_id, entry.action, entry.amount))
+                    settle_details.append(entry.details)
+                    settle_overages.append(entry.overage)
             settling = {rid for _, rid, _, _ in settles}
             keep_ms = ms(keep_until)
             records = [

@@ -22,8 +22,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from shared.holds.protocol import (
     DEFAULT_NAMESPACE,
     RESERVE,
@@ -32,6 +30,7 @@ from shared.holds.protocol import (
     pending_key,
     pending_shard,
     reserve_outcome,
+    settlement_entry,
     user_keys_with_pending,
 )
 from shared.redis_client import REDIS_ERRORS, AnyRedis, redis_client
@@ -141,10 +140,10 @@ class RedisHolds:
 
     async def park(self, user_id: str, items: Sequence[tuple[str, dict[str, Any] | None]]) -> None:
         """Leaves what this proxy could not deliver to credits in credits' Redis, for credits to
-        apply (`Ledger.drain_pending`): per (reservation_id, settlement item or None). None: only
+        apply (`PendingSettlements.drain_pending`): per (reservation_id, settlement item or None). None: only
         the hold's record, which reserve.lua already wrote there, so the user is just listed. Raises
         when Redis fails (then the caller keeps the items)."""
-        settlements = {f"s:{rid}": orjson.dumps(item) for rid, item in items if item is not None}
+        settlements = dict(settlement_entry(rid, item) for rid, item in items if item is not None)
         index = pending_index_key(self.namespace, pending_shard(user_id))
         async with asyncio.timeout(self.answer_timeout_seconds):
             if settlements:

@@ -17,11 +17,11 @@ Redis Cluster whatever characters the id holds; the id itself follows the kind, 
   release but before the sync here, leaving the balance stale too): a script that meets one drops
   the user's keys, and the account is rebuilt from PostgreSQL.
 - `<ns>:{<tag>}:pending:<user_id>` — what a proxy owes credits, kept beside the holds (the proxy's `park`,
-  credits' `Ledger.drain_pending`), in the user's slot so that the script placing a hold writes its
+  credits' `PendingSettlements.drain_pending`), in the user's slot so that the script placing a hold writes its
   record there atomically. Fields: `h:<reservation_id>` the record of a hold placed by a proxy
   ("<amount> <deadline_ms> <epoch> <kind>", written by reserve.lua, removed by confirm.lua once credits
   has recorded it), `s:<reservation_id>` a settlement the proxy could not deliver (the JSON item of
-  `POST /v1/reservations/batch`).
+  `POST /v1/reservations/batch`). `settlement_entry` writes the latter, `pending_entry` reads both.
 - `<ns>:pending:{<n>}` — users with settlements waiting, in `PENDING_SHARDS` sorted sets (member = user id,
   score = a count bumped per parking), which credits' sweeper walks (`unlist.lua` takes a user off).
 - `<ns>:deadlines:{<n>}` — sharded sorted sets (score = deadline, member = `<user_id><INDEX_SEPARATOR>
@@ -45,6 +45,7 @@ from enum import IntEnum
 from importlib import resources
 from typing import Any
 
+import orjson
 from redis.exceptions import NoScriptError
 
 from shared.redis_client import AnyRedis
@@ -245,3 +246,56 @@ def view_snapshot(reply: Any) -> Snapshot | None:
 def unlisted(reply: Any) -> bool:
     """unlist.lua's reply: whether the user was taken off the list."""
     return int(reply) == 1
+
+
+# --- the pending hash's entries
+
+
+@dataclass(frozen=True, slots=True)
+class PendingHold:
+    """`h:<reservation_id>`: the record reserve.lua wrote of a hold a proxy placed."""
+
+    reservation_id: str
+    amount: int
+    deadline_ms: int
+    epoch: str
+    kind: str
+
+
+@dataclass(frozen=True, slots=True)
+class PendingSettlement:
+    """`s:<reservation_id>`: a batch item (commit or release) a proxy could not deliver."""
+
+    reservation_id: str
+    action: str
+    amount: int | None
+    details: str | None  # the usage details as JSON text, as the batch endpoint stores them
+    overage: int
+
+
+def settlement_entry(reservation_id: str, item: dict[str, Any]) -> tuple[str, bytes]:
+    """The field and value under which a proxy parks one undelivered batch item."""
+    return f"s:{reservation_id}", orjson.dumps(item)
+
+
+def pending_entry(name: str, value: str) -> PendingHold | PendingSettlement:
+    """One entry of the pending hash; ValueError when it is not one this protocol writes."""
+    kind, _, rid = name.partition(":")
+    try:
+        if kind == "h":
+            amount, deadline_ms, epoch, hold_kind = value.split(" ")
+            return PendingHold(rid, int(amount), int(deadline_ms), epoch, hold_kind)
+        if kind == "s":
+            item = orjson.loads(value)
+            amount_ = item.get("amount")
+            about = item.get("details")
+            return PendingSettlement(
+                rid,
+                str(item["action"]),
+                None if amount_ is None else int(amount_),
+                None if about is None else orjson.dumps(about).decode(),
+                max(int(item.get("overage", 0)), 0),
+            )
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"malformed pending entry {name}") from exc
+    raise ValueError(f"unknown pending entry {name}")
