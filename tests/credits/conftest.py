@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 import asyncpg
 import httpx
 import pytest
-from shared.redis_holds import RedisHolds
+from shared.holds.fast_path import RedisHolds
 from sqlalchemy.engine import make_url
 
 from tests.conftest import redis_client_for
@@ -60,7 +60,7 @@ def check(pg: asyncpg.Pool, credits: CreditsService) -> Checker:
 async def redis_holds(
     credits: CreditsService, redis_url: str, redis_cluster: bool
 ) -> AsyncIterator[RedisHolds]:
-    """The proxy's holds in credits' Redis (shared/redis_holds.py), as the proxy places them."""
+    """The proxy's holds in credits' Redis (shared/holds/fast_path.py), as the proxy places them."""
     holds = RedisHolds(redis_client_for(redis_url, redis_cluster), namespace=credits.settings.redis_namespace)
     yield holds
     await holds.aclose()

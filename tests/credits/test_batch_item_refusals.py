@@ -10,7 +10,7 @@ from typing import Any
 
 import asyncpg
 import httpx
-from shared.redis_holds import RedisHolds
+from shared.holds.fast_path import RedisHolds
 
 from tests.credits.helpers import Checker
 
