@@ -212,7 +212,7 @@ class Holds:
         """A real key operation (see `shared.redis_client.probe`), for readiness."""
         await probe(self.client, self.namespace)
 
-    # --- what proxies owe, kept beside the holds (see shared/holds/protocol.py, Ledger.drain_pending)
+    # --- what proxies owe, kept beside the holds (see shared/holds/protocol.py, PendingSettlements.drain_pending)
 
     def pending_key(self, user_id: str) -> str:
         return pending_key(self.namespace, user_id)

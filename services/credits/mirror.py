@@ -39,8 +39,10 @@ class Sync:
     created: bool = False
 
 
-async def _nothing_pending(user_id: str) -> object:
-    return None
+async def _pending_not_wired(user_id: str) -> object:
+    # A rebuild that skipped the pending hash would hand the credits of holds proxies placed back to
+    # the balance: a mirror without its drain must fail loudly, not rebuild quietly.
+    raise RuntimeError("Mirror.drain_pending is not set (the runtime wires it)")
 
 
 class Mirror:
@@ -50,7 +52,7 @@ class Mirror:
         self.clock = clock
         # Applies what proxies left in a user's pending hash (PendingSettlements.drain_pending); set
         # by the runtime, which builds that after the mirror it uses.
-        self.drain_pending: Callable[[str], Awaitable[object]] = _nothing_pending
+        self.drain_pending: Callable[[str], Awaitable[object]] = _pending_not_wired
         self._rebuilds: dict[str, asyncio.Future[None]] = {}
         self._caught_up_at: dict[str, float] = {}  # user -> monotonic time of the last catch_up look
         self._failed_syncs: set[str] = set()  # users whose Redis sync failed, for the sweeper to rebuild

@@ -21,8 +21,8 @@ served request charged. Only then are they given up: their holds expire back to 
 With a `parker` (the proxy's holds in credits' Redis), what cannot be delivered does not stay in this
 process at all: a batch that fails to reach credits, and whatever is still queued when the proxy
 stops, is parked in credits' Redis (`RedisHolds.park`), where credits applies it once it is back
-(`Ledger.drain_pending`); its future fails with `SettlementParked`. Only if Redis fails too are the
-items retried from memory as above. `in_trouble` tells the proxy to stop placing holds in Redis
+(its `PendingSettlements.drain_pending`); its future fails with `SettlementParked`. Only if Redis
+fails too are the items retried from memory as above. `in_trouble` tells the proxy to stop placing holds in Redis
 until credits answers again.
 """
 
