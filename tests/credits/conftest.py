@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator, Callable
 import asyncpg
 import httpx
 import pytest
-from shared.holds.fast_path import RedisHolds
 from sqlalchemy.engine import make_url
 
+from shared.holds.fast_path import RedisHolds
 from tests.conftest import redis_client_for
 from tests.credits.helpers import Checker
 from tests.support.credits_service import CreditsService, running_credits

@@ -10,8 +10,8 @@ from typing import Any
 
 import asyncpg
 import httpx
-from shared.holds.fast_path import RedisHolds
 
+from shared.holds.fast_path import RedisHolds
 from tests.credits.helpers import Checker
 
 DETAILS = {"operation": "chat", "model": "m", "input_tokens": 3, "output_tokens": 4, "upstream_cost_usd": 0.5}
