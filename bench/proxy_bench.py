@@ -15,6 +15,10 @@ With `--litellm` the same steps run against the LiteLLM proxy (installed on firs
 bench/.litellm from PyPI, `litellm[proxy]`, offline cost map, the same upstream), so both are
 compared in one run. The load generator is the proxy's own lean HTTP client on uvloop in this
 process; it shares the machine's cores with the servers, as the README says.
+
+This module is over 400 lines on purpose: it is one script whose steps (processes, the sequential,
+open-loop and closed-loop measurements, CPU accounting, the LiteLLM comparison) share its state and
+are read top to bottom; split, each part would be a page of parameters passed around.
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ With --profile the credits process runs under py-spy (its CPU column then counts
 The service gets its own database (dropped afterwards) and Redis key namespace (deleted afterwards).
 The load generator is a minimal HTTP/1.1 client in this process, which shares the machine's cores with
 the service, PostgreSQL and Redis.
+
+Over 400 lines on purpose: one script whose scenarios share the process setup and the report table.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ from typing import Protocol
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.billing.catalog import Catalog
-from services.billing.models import Purchase, Status
-from services.billing.purchases import new_purchase_id
+from services.billing.models import Purchase
+from services.billing.purchases import new_purchase_id, pending_purchase
 from services.billing.store import BillingStore
 from services.billing.stripe_gateway import CheckoutRequest, CreatedSession, StripeFailure
 from shared.errors import NotFound, UpstreamError
@@ -65,16 +65,11 @@ class CheckoutService:
             session = await self._gateway.create_checkout_session(request)
         except StripeFailure as exc:
             raise UpstreamError(f"Stripe could not create the checkout session: {exc}") from exc
-        purchase = Purchase(
-            purchase_id=request.purchase_id,
-            user_id=user_id,
-            pack=pack.id,
-            credits=pack.credits,
-            unlocks_api=pack.unlocks_api,
-            amount_cents=pack.price_cents,
-            currency=pack.currency,
-            status=Status.PENDING.value,
-            stripe_checkout_session_id=session.id,
+        purchase = pending_purchase(
+            request.purchase_id,
+            user_id,
+            pack,
+            session.id,
             success_url=request.success_url,
             cancel_url=request.cancel_url,
         )

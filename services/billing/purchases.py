@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from services.billing.catalog import Catalog
+from services.billing.catalog import Catalog, Pack
 from services.billing.models import CREDITED, Purchase, Status
 from services.billing.store import BillingStore
 from shared.events import PackPurchased, PackRefunded
@@ -40,6 +40,31 @@ _EVENT_NAMESPACE = uuid.UUID("5b0f1e2c-8f5e-4d53-9a55-1c2b1f6a7c01")
 
 def new_purchase_id() -> str:
     return f"pur_{uuid.uuid4().hex}"
+
+
+def pending_purchase(
+    purchase_id: str,
+    user_id: str,
+    pack: Pack,
+    session_id: str | None,
+    *,
+    success_url: str | None = None,
+    cancel_url: str | None = None,
+) -> Purchase:
+    """A purchase of `pack` whose checkout session is open: priced and sized from the catalog."""
+    return Purchase(
+        purchase_id=purchase_id,
+        user_id=user_id,
+        pack=pack.id,
+        credits=pack.credits,
+        unlocks_api=pack.unlocks_api,
+        amount_cents=pack.price_cents,
+        currency=pack.currency,
+        status=Status.PENDING.value,
+        stripe_checkout_session_id=session_id,
+        success_url=success_url,
+        cancel_url=cancel_url,
+    )
 
 
 def purchased_message(purchase: Purchase) -> PackPurchased:
@@ -186,17 +211,7 @@ class PurchaseBook:
             )
             return None
         await self.store.insert_purchase(
-            Purchase(
-                purchase_id=purchase_id,
-                user_id=user_id,
-                pack=pack.id,
-                credits=pack.credits,
-                unlocks_api=pack.unlocks_api,
-                amount_cents=pack.price_cents,
-                currency=pack.currency,
-                status=Status.PENDING.value,
-                stripe_checkout_session_id=session_id,
-            ),
+            pending_purchase(purchase_id, user_id, pack, session_id),
             if_absent=True,
         )
         return await self.store.purchase(purchase_id, lock=True)
