@@ -15,6 +15,7 @@ from services.credits.analytics import Analytics
 from services.credits.api_bodies import CreateKey, CreateUser, Grant, Migration, checked_user
 from services.credits.api_responses import (
     account_body,
+    analytics_body,
     api_key_body,
     migrated_body,
     reservation_view,
@@ -151,7 +152,4 @@ async def analytics(
     first, last = _day("from", from_), _day("to", to)
     if first is not None and last is not None and first > last:
         raise InvalidRequest("from must not be after to.")
-    data = await figures.figures(first, last)
-    data["from"] = first.isoformat() if first else None
-    data["to"] = last.isoformat() if last else None
-    return JsonResponse(data)
+    return JsonResponse(analytics_body(await figures.figures(first, last), first, last))

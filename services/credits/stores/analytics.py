@@ -1,4 +1,4 @@
-"""SQL of the operator's figures (analytics.py shapes them).
+"""SQL of the operator's figures (analytics.py computes them).
 
 Whole days of the ledger come from `ledger_daily` (rolled up by credits_roll_up_ledger(), migration
 0005), the rest from `ledger_entries` by its created_at index; purchases, refunds and accounts are
