@@ -32,14 +32,14 @@ async def test_sigkill_between_a_commit_and_its_overage(
     make_database_url: Callable[[str], str], redis_url: str, broker_namespace: str
 ) -> None:
     database_url = make_database_url("credits_overage_crash")
-    env = {
-        "DATABASE_URL": database_url,
-        "REDIS_URL": redis_url,
-        "REDIS_NAMESPACE": f"credits-overage-crash-{uuid.uuid4().hex[:6]}",
-        "BROKER_NAMESPACE": broker_namespace,
-        "SWEEP_INTERVAL_SECONDS": "0.2",
-        "LOG_LEVEL": "WARNING",
-    }
+    # Its own Redis namespace: the two processes (before and after the kill) share it, no other does.
+    namespace = f"credits-overage-crash-{uuid.uuid4().hex[:6]}"
+    env = dict(
+        DATABASE_URL=database_url,
+        REDIS_URL=redis_url,
+        REDIS_NAMESPACE=namespace,
+        BROKER_NAMESPACE=broker_namespace,
+    )
     user = f"crash-{uuid.uuid4().hex[:8]}"
     commit = {"amount": 4, "overage": 3}
     dsn = make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
