@@ -17,6 +17,7 @@ from services.credits.reservations import HoldToRecord, Reservations
 from services.credits.settlements import Settlements, SettleResult
 from services.credits.stores import accounts as account_store
 from services.credits.stores import ledger_entries as ledger_store
+from services.credits.stores import overages as overage_store
 from services.credits.stores import reservations as reservation_store
 from shared.errors import AppError, Conflict, ServiceUnavailable
 from shared.holds.protocol import PendingHold, pending_entry
@@ -162,6 +163,11 @@ class PendingSettlements:
             )
             if total > take:
                 await account_store.add_owed(conn, found.user_id, total - take)
+            if overage > 0:  # charged here: a replay of the commit must not charge it again
+                taken = max(take - amount, 0)
+                await overage_store.record_overage(
+                    conn, rid, found.user_id, overage, taken, overage - taken, now
+                )
             await reservation_store.end_reservation(conn, rid, "committed", now, charged=amount)
         log.warning("reservation %s charged %d after it expired (%d owed)", rid, total, total - take)
         await self.mirror.sync([Sync(found.user_id, balance, version)])

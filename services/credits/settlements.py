@@ -22,6 +22,7 @@ from services.credits.mirror import Mirror, Sync
 from services.credits.reservations import Reservations
 from services.credits.stores import accounts as account_store
 from services.credits.stores import ledger_entries as ledger_store
+from services.credits.stores import overages as overage_store
 from services.credits.stores import reservations as reservation_store
 from services.credits.stores.reservations import Outcome, Settled
 from services.credits.writer import CommitWriter
@@ -184,7 +185,11 @@ class Settlements:
                     continue
                 assert row is not None  # a result: the reservation was found
                 if row.outcome is not Outcome.COMMITTED:
-                    continue  # a replay was charged its overage the first time
+                    # A replay: its first delivery charged the overage, unless its process died
+                    # before it could; then this delivery charges it (and answers as the first).
+                    if await overage_store.overage_charged(self.pool, result.reservation_id):
+                        continue
+                    log.warning("charging the overage of %s on a replay of its commit", result.reservation_id)
                 owed = await self._charge_overage(row.user_id, result.reservation_id, extra)
                 available.pop(i, None)
                 results[i] = replace(result, overage=extra, owed=owed)
@@ -212,8 +217,10 @@ class Settlements:
         """Charges `extra` credits a request cost beyond its committed hold (its usage came out above
         the estimate): what is available is taken through a hold of its own, so no concurrent
         reserve can be overdrawn, and the rest is recorded as owed (paid first by the next purchase,
-        as a refund's claw-back is). Runs once per hold, after the commit that ended it; a process
-        that dies in between leaves the overage uncharged, never charged twice. Returns the owed part."""
+        as a refund's claw-back is). Runs after the commit that ended the hold, and again on a
+        replay of that commit when nothing was charged (its process died in between); the hold's
+        row in `overage_charges`, written in the transaction that charges, keeps it to once.
+        Returns the owed part."""
         reference = f"reservation:{rid}:overage"
         try:
             held = await self.reservations.reserve(
@@ -227,7 +234,7 @@ class Settlements:
         balance = version = None
         async with self.engine.begin() as conn:
             await account_store.get_account(conn, user_id, lock="update")
-            if await ledger_store.ledger_reference_exists(conn, reference):
+            if not await overage_store.record_overage(conn, rid, user_id, extra, take, extra - take, now):
                 take = extra = 0  # charged already
                 if held is not None:
                     await reservation_store.end_reservation(conn, held.reservation.id, "released", now)
