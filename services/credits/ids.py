@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import uuid
 
-from shared.errors import NotFound
-
 
 def valid_user_id(value: str) -> bool:
     """1-200 characters, no control characters (they would break logs, keys and headers)."""
     return 0 < len(value) <= 200 and value.isprintable()
 
 
-def canonical_uuid(value: str) -> str:
+def uuid_or_none(value: str) -> str | None:
+    """The UUID's canonical text, or None when `value` is not one (parsed once: batches call this
+    for every item)."""
     try:
         return str(uuid.UUID(value))
     except ValueError:
-        raise NotFound("Unknown reservation.") from None
+        return None
 
 
 def is_uuid(value: str) -> bool:

@@ -16,7 +16,7 @@ import asyncpg
 from services.credits import metrics
 from services.credits.clock import ms
 from services.credits.config import CreditsSettings
-from services.credits.ids import canonical_uuid, is_uuid
+from services.credits.ids import is_uuid, uuid_or_none
 from services.credits.mirror import Mirror, Sync
 from services.credits.stores import accounts as account_store
 from services.credits.stores import reservations as reservation_store
@@ -178,9 +178,9 @@ class Reservations:
         known = await account_store.known_users(self.pool, sorted({p.user_id for p in placed}))
 
         async def record(p: HoldToRecord) -> Reservation | AppError:
-            if not is_uuid(p.reservation_id):
+            rid = uuid_or_none(p.reservation_id)
+            if rid is None:
                 return InvalidRequest("reservation_id must be a UUID.")
-            rid = canonical_uuid(p.reservation_id)
             if p.user_id not in known:
                 return NotFound(f"Unknown user {p.user_id!r}.")
             if p.deadline_ms <= now_ms and not late:
@@ -223,10 +223,11 @@ class Reservations:
         and new `expires_at`, or the refusal."""
         now = self.clock()
         longest_ms = ms(now) + self.settings.max_reservation_ttl_seconds * 1000
+        canonical = [uuid_or_none(rid) for rid, _ in items]
         wanted: dict[str, datetime] = {}
-        for rid, deadline_ms in items:
-            if is_uuid(rid):
-                wanted[str(uuid.UUID(rid))] = datetime.fromtimestamp(min(deadline_ms, longest_ms) / 1000, UTC)
+        for rid, (_, deadline_ms) in zip(canonical, items, strict=True):
+            if rid is not None:
+                wanted[rid] = datetime.fromtimestamp(min(deadline_ms, longest_ms) / 1000, UTC)
         extended: dict[str, tuple[str, datetime]] = {}
         if wanted:
             async with self.engine.begin() as conn:
@@ -241,12 +242,12 @@ class Reservations:
                 # the rebuild loads the hold with the new one.
                 log.exception("moving %d hold deadlines in Redis failed", len(extended))
         out: list[Extended | AppError] = []
-        for rid, _ in items:
-            found = extended.get(str(uuid.UUID(rid))) if is_uuid(rid) else None
-            if found is None:
+        for (rid, _), checked in zip(items, canonical, strict=True):
+            found = extended.get(checked) if checked is not None else None
+            if checked is None or found is None:
                 out.append(Conflict(f"Reservation {rid} is not held (ended, expired or unknown)."))
             else:
-                out.append(Extended(str(uuid.UUID(rid)), found[1]))
+                out.append(Extended(checked, found[1]))
         return out
 
     async def _release_lost(self, user_id: str, rid: str) -> None:

@@ -17,7 +17,7 @@ import orjson
 from services.credits import metrics
 from services.credits.accounts import write_low_balance_event
 from services.credits.config import CreditsSettings
-from services.credits.ids import is_uuid
+from services.credits.ids import uuid_or_none
 from services.credits.mirror import Mirror, Sync
 from services.credits.reservations import Reservations
 from services.credits.stores import accounts as account_store
@@ -121,7 +121,7 @@ class Settlements:
                 return await self.commits.commit(rid, amount, now, self._low_event(now), about)
             return await reservation_store.release_fast(self.pool, rid, now)
 
-        canonical = [str(uuid.UUID(rid)) if is_uuid(rid) else None for rid, _, _ in items]
+        canonical = [uuid_or_none(rid) for rid, _, _ in items]
         rows = await asyncio.gather(
             *(
                 settle(rid, action, amount, about)
